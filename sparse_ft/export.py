@@ -1,8 +1,9 @@
 """Export: merge a trained delta into its base model and write a plain Hugging Face checkpoint.
 
-Streaming: the base checkpoint is read one tensor at a time, shard by shard, and the output is
-written in shards of ``max_shard_size``; peak memory is about one input shard (memory-mapped) plus
-one output shard plus the delta, whatever the model's size. Nothing is built on a GPU and no
+Streaming: the base checkpoint is read one tensor at a time, shard by shard, and each merged tensor
+is written straight into its output shard (of at most ``max_shard_size``, laid out in advance from
+the base's headers); peak memory is about the largest tensor plus the delta, whatever the model's
+size. Nothing is built on a GPU and no
 DeepSpeed is needed: a ZeRO-3 run's checkpoint already holds the gathered compact delta.
 
 Bases stored as GGUF (or without safetensors/bin weights) are exported in memory instead: loaded by
@@ -84,6 +85,13 @@ def base_weight_files(base_dir: Path) -> list[Path]:
     return []
 
 
+# safetensors' dtype names (its file format spec); the header is JSON, the data raw little-endian.
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+
 class _ShardReader:
     """Iterate (key, tensor) of a safetensors or .bin shard, one tensor in memory at a time
     (safetensors; a .bin shard is loaded whole, memory-mapped where torch can)."""
@@ -92,20 +100,47 @@ class _ShardReader:
         self.path = path
 
     def keys(self) -> list[str]:
-        if self.path.suffix == ".safetensors":
-            from safetensors import safe_open
+        return [key for key, _, _ in self.specs()]
 
-            with safe_open(str(self.path), framework="pt") as f:
-                return list(f.keys())
-        return list(torch.load(self.path, map_location="cpu", mmap=True, weights_only=True).keys())
+    def specs(self) -> list[tuple[str, list[int], torch.dtype]]:
+        """(key, shape, dtype) of every tensor, in file order, read from the header only."""
+        if self.path.suffix == ".safetensors":
+            return [(key, shape, dtype) for key, shape, dtype, _ in self._safetensors_header()[0]]
+        state = torch.load(self.path, map_location="cpu", mmap=True, weights_only=True)
+        return [(key, list(t.shape), t.dtype) for key, t in state.items()]
+
+    def _safetensors_header(self):
+        with open(self.path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        entries = []
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            if info["dtype"] not in _ST_NAMES:
+                raise ConfigError(f"{self.path}: tensor {key} has dtype {info['dtype']}, which export does not handle")
+            entries.append((key, list(info["shape"]), _ST_NAMES[info["dtype"]], info["data_offsets"]))
+        entries.sort(key=lambda e: e[3][0])  # file order: one sequential pass over the shard
+        return entries, 8 + n
 
     def items(self):
         if self.path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(self.path), framework="pt") as f:
-                for key in f.keys():
-                    yield key, f.get_tensor(key)
+            # Plain reads into a fresh tensor, not a memory map: the shard's pages then stay in the
+            # page cache instead of this process's resident memory.
+            entries, data_start = self._safetensors_header()
+            with open(self.path, "rb", buffering=0) as f:
+                for key, shape, dtype, (begin, end) in entries:
+                    tensor = torch.empty(shape, dtype=dtype)
+                    if end > begin:
+                        f.seek(data_start + begin)
+                        view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+                        got = 0
+                        while got < end - begin:
+                            n = f.readinto(view[got:])
+                            if not n:
+                                raise ConfigError(f"{self.path} is truncated at tensor {key}")
+                            got += n
+                    yield key, tensor
         else:
             state = torch.load(self.path, map_location="cpu", mmap=True, weights_only=True)
             for key in list(state):
@@ -113,47 +148,80 @@ class _ShardReader:
 
 
 class _ShardWriter:
-    """Writes tensors into numbered safetensors shards of at most ``limit`` bytes (a tensor larger
-    than the limit gets a shard of its own) and the HF index at the end."""
+    """Writes numbered safetensors shards of at most ``limit`` bytes (a tensor larger than the limit
+    gets a shard of its own) and the HF index at the end.
 
-    def __init__(self, out_dir: Path, limit: int):
-        self.out_dir, self.limit = out_dir, limit
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.shards: list[list[str]] = []
-        self.total_bytes = 0
+    The whole layout is planned up front from the base's headers (merging changes no shape), so
+    each shard's header is written first and every tensor goes to disk as soon as it is merged:
+    peak memory is one tensor, not one output shard.
+    """
+
+    def __init__(self, out_dir: Path, limit: int, specs: list[tuple[str, list[int], torch.dtype]]):
+        self.out_dir = out_dir
+        self.shards: list[list[tuple[str, list[int], torch.dtype]]] = []
+        size, self.total_bytes = 0, 0
+        for key, shape, dtype in specs:
+            nbytes = _nbytes(shape, dtype)
+            if not self.shards or (self.shards[-1] and size + nbytes > limit):
+                self.shards.append([])
+                size = 0
+            self.shards[-1].append((key, shape, dtype))
+            size += nbytes
+            self.total_bytes += nbytes
+        self._shard, self._pos, self._file = -1, 0, None
+
+    def _open_next(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._shard += 1
+        self._pos = 0
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for key, shape, dtype in self.shards[self._shard]:
+            end = offset + _nbytes(shape, dtype)
+            header[key] = {"dtype": _ST_DTYPES[dtype], "shape": shape, "data_offsets": [offset, end]}
+            offset = end
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned, as safetensors itself does
+        self._file = open(self.out_dir / f"shard-{self._shard:05d}.tmp", "wb")
+        self._file.write(len(raw).to_bytes(8, "little"))
+        self._file.write(raw)
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.limit:
-            self.flush()
-        self.pending[key] = tensor.contiguous()
-        self.pending_bytes += size
-        self.total_bytes += size
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        from safetensors.torch import save_file
-
-        name = f"shard-{len(self.shards):05d}.tmp"
-        save_file(self.pending, str(self.out_dir / name), metadata={"format": "pt"})
-        self.shards.append(list(self.pending))
-        self.pending, self.pending_bytes = {}, 0
+        if self._file is None or self._pos == len(self.shards[self._shard]):
+            self._open_next()
+        want_key, shape, dtype = self.shards[self._shard][self._pos]
+        if key != want_key or list(tensor.shape) != shape or tensor.dtype != dtype:
+            raise RuntimeError(f"export wrote {key} {list(tensor.shape)} {tensor.dtype} where the plan has "
+                               f"{want_key} {shape} {dtype}")
+        flat = tensor.detach().contiguous().reshape(-1)
+        if flat.numel():
+            self._file.write(memoryview(flat.view(torch.uint8).numpy()))
+        self._pos += 1
 
     def finish(self) -> None:
-        self.flush()
+        if self._file is not None:
+            self._file.close()
+        written = sum(len(s) for s in self.shards[:self._shard]) + self._pos
+        if written != sum(len(s) for s in self.shards):
+            raise RuntimeError(f"export wrote {written} tensors of {sum(len(s) for s in self.shards)}")
         n = len(self.shards)
         if n == 1:
             os.replace(self.out_dir / "shard-00000.tmp", self.out_dir / "model.safetensors")
             return
         weight_map = {}
-        for i, keys in enumerate(self.shards):
+        for i, shard in enumerate(self.shards):
             final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
             os.replace(self.out_dir / f"shard-{i:05d}.tmp", self.out_dir / final)
-            weight_map.update({k: final for k in keys})
+            weight_map.update({key: final for key, _, _ in shard})
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
         (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _nbytes(shape: list[int], dtype: torch.dtype) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n * torch.empty((), dtype=dtype).element_size()
 
 
 def _layer_keys(layers: set[str], all_keys: list[str], prefix: str | None) -> dict[str, str]:
@@ -312,7 +380,9 @@ def _export_streaming(files, base_dir, config, tensors, layers, meta, out_dir, d
         return dict(reader.items())[ckpt_key]
 
     _check_base(meta["base_fingerprint"], read_named)
-    writer = _ShardWriter(out_dir, limit)
+    specs = [(key, shape, dtype if dtype_.is_floating_point else dtype_)
+             for reader in readers for key, shape, dtype_ in reader.specs()]
+    writer = _ShardWriter(out_dir, limit, specs)
     for reader in readers:
         for key, tensor in reader.items():
             model_key = mapping.get(key, key)
