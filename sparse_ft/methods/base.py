@@ -160,7 +160,9 @@ class DeltaLinear(nn.Module):
         self.bias = base.bias
         # A bitsandbytes layer (quantized base) is kept, unregistered (its weight and bias are the ones
         # registered here), for its kernels and int8 matmul state; see :meth:`base_forward`.
-        object.__setattr__(self, "quantized_base", base if is_quantized_linear(base) else None)
+        # A stage's layer built over the previous stage's (LoReML) inherits its quantized base.
+        quantized_base = base if is_quantized_linear(base) else getattr(base, "quantized_base", None)
+        object.__setattr__(self, "quantized_base", quantized_base)
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
