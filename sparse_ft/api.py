@@ -9,6 +9,7 @@ from torch import nn
 from .errors import ConfigError
 from .methods import DeltaLinear, MethodConfig
 from .methods.base import find_targets, replace_module
+from .quant import dequantize, model_dtype
 from .zero import gathered
 
 logger = logging.getLogger("sparse_ft")
@@ -55,12 +56,27 @@ def delta_layers(model: nn.Module) -> list[tuple[str, DeltaLinear]]:
 def merge(model: nn.Module) -> nn.Module:
     """Fold every method delta into its base weight and put plain ``nn.Linear`` layers back.
 
+    On a quantized base each adapted layer is dequantized first and becomes a plain ``nn.Linear``
+    in the model's dtype; the layers no method adapted stay quantized.
+
     The merged model has no sparse-ft modules left: ``save_pretrained`` writes a checkpoint that
     ``transformers`` loads without sparse-ft. Under ZeRO-3 each layer is gathered in turn (call on
     every rank); rank 0's merged weight is scattered back to the partitions.
     """
     config = method_config(model)
+    dense_dtype = model_dtype(model)
     for name, layer in delta_layers(model):
+        if layer.quantized:
+            # Packed weights cannot hold W + dW: the merged layer becomes a plain one with the
+            # dequantized weight plus the delta, in the model's dtype (other layers stay quantized).
+            with gathered([layer.weight, *layer.method_parameters()]):
+                w = dequantize(layer.weight) + layer.delta_weight().to(layer.weight.device)
+            plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+            plain.weight = nn.Parameter(w.to(dense_dtype), requires_grad=False)
+            plain.bias = layer.bias
+            replace_module(model, name, plain)
+            logger.info("merge: %s was quantized; dequantized to %s before adding the delta", name, dense_dtype)
+            continue
         params = [layer.weight, layer.bias, *layer.method_parameters()]
         with gathered(params, modifier_rank=0):
             w = layer.weight

@@ -73,6 +73,12 @@ def export_main(argv: list[str] | None = None) -> int:
 
     out = export_hf(args.checkpoint, args.out, base_model=args.base_model, dtype=args.dtype,
                     max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    import json
+
+    dequantized = json.loads((out / "sparse_ft_export.json").read_text()).get("dequantized")
+    if dequantized:
+        print(f"trained on a {dequantized['scheme']}-quantized base: dequantized its {dequantized['layers']} quantized "
+              f"layers to {args.dtype}, then merged the delta")
     print(out)
     return 0
 

@@ -45,6 +45,21 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
 
+    quantization: str = "none"
+    """Load the frozen base quantized by bitsandbytes: ``nf4`` (4-bit NormalFloat), ``int8``
+    (LLM.int8) or ``none``. Every linear layer but the output head is quantized; what the method
+    trains stays in fp32/bf16. Not with ``method.name=full``, GGUF bases or ZeRO offload configs.
+    Each rank loads the quantized model whole (ZeRO-3's partitioned loading is skipped)."""
+
+    double_quant: bool = True
+    """``nf4``: also quantize the per-block scales (QLoRA's double quantization, about 0.37 fewer
+    bits per weight)."""
+
+    quant_compute_dtype: str = "auto"
+    """``nf4``: dtype the dequantized weights are computed in (and the packed weights' storage
+    dtype, which ZeRO-3 needs equal to the model's): ``auto`` (the run's precision), ``bf16``,
+    ``fp16`` or ``fp32`` (use fp32 on CPU)."""
+
 
 @dataclass
 class TaskConfig:
@@ -112,6 +127,12 @@ class TrainConfig:
 
     adam_eps: float = 1e-8
     """AdamW epsilon."""
+
+    optimizer: str = "adamw"
+    """``adamw`` (torch AdamW), ``adamw8bit`` or ``paged_adamw8bit`` (bitsandbytes: Adam's two
+    moments in 8 bits, 2 bytes per trained entry instead of 8; paged moves them to host memory
+    under GPU memory pressure, and is plain ``adamw8bit`` on CPU). Needs bitsandbytes; works for
+    every method, ``full`` included. The ``adam_*`` and ``weight_decay`` keys apply to all three."""
 
     schedule: str = "constant"
     """``constant`` (paper 002) or ``linear`` (warm up, then decay to zero)."""
@@ -363,3 +384,48 @@ def validate(run: RunConfig) -> None:
     from .training.ds_config import resolve_ds_config_path
 
     resolve_ds_config_path(run.deepspeed.config)
+    validate_quantization(run)
+
+
+def validate_quantization(run: RunConfig) -> None:
+    """The quantized-base and 8-bit-optimizer settings, and the combinations that cannot work."""
+    from .quant import OPTIMIZERS, QUANT_DTYPES, QUANTIZATIONS, require_bnb
+    from .training.ds_config import offloaded
+
+    m, tr = run.model, run.train
+    if m.quantization not in QUANTIZATIONS:
+        raise ConfigError(f"model.quantization = {m.quantization!r}; allowed: {', '.join(QUANTIZATIONS)}")
+    if m.quant_compute_dtype not in QUANT_DTYPES:
+        raise ConfigError(f"model.quant_compute_dtype = {m.quant_compute_dtype!r}; allowed: {', '.join(QUANT_DTYPES)}")
+    if tr.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"train.optimizer = {tr.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
+    offload = offloaded(run.deepspeed.config, run.deepspeed.overrides)
+    if m.quantization != "none":
+        run.method.check_quantized(m.quantization)
+        if m.gguf_file:
+            raise ConfigError(f"model.quantization = {m.quantization} with model.gguf_file: a GGUF base is already "
+                              "quantized and transformers dequantizes it on load; bitsandbytes cannot requantize it "
+                              "there. Use model.quantization=none, or an unquantized (safetensors) base")
+        if offload:
+            raise ConfigError(f"model.quantization = {m.quantization} with deepspeed.config = {run.deepspeed.config}, "
+                              f"which offloads {' and '.join(offload)} to {'/'.join(sorted(set(offload.values())))}: "
+                              "bitsandbytes' packed weights and their quantization state cannot be offloaded by "
+                              "DeepSpeed; allowed: zero0, zero2, zero3 (a quantized 13B base fits one 24 GB GPU)")
+        if m.quantization == "int8" and _zero_stage(run) == 3:
+            raise ConfigError(f"model.quantization = int8 with ZeRO-3 (deepspeed.config = {run.deepspeed.config}): "
+                              "int8 weights cannot be flattened with the model's floating-point parameters for "
+                              "partitioning; use model.quantization=nf4 (its packed storage has the model's dtype) "
+                              "or a zero0/zero2 config")
+        require_bnb(f"model.quantization = {m.quantization}")
+    if tr.optimizer != "adamw":
+        if "optimizer" in offload:
+            raise ConfigError(f"train.optimizer = {tr.optimizer} with deepspeed.config = {run.deepspeed.config}, which "
+                              "offloads the optimizer: DeepSpeed then runs its own CPU Adam; allowed with offload: "
+                              "train.optimizer=adamw")
+        require_bnb(f"train.optimizer = {tr.optimizer}")
+
+
+def _zero_stage(run: RunConfig) -> int:
+    from .training.ds_config import zero_settings
+
+    return int(zero_settings(run.deepspeed.config, run.deepspeed.overrides).get("stage", 0))

@@ -1,5 +1,8 @@
 """The compact delta: one safetensors file with what a method trained, plus metadata.
 
+A delta trained on a bitsandbytes-quantized base also records ``quantization``: the scheme, its
+settings and the quantized layers (export dequantizes exactly those before merging).
+
 Tensors are keyed ``<module name>.<tensor name>`` (for example
 ``model.layers.0.self_attn.q_proj.values``); the metadata holds the method config, the base model's
 name, a fingerprint of the base weights the delta was trained on, and the sparse-ft version.
@@ -8,6 +11,7 @@ Loading checks the fingerprint first, so a delta cannot silently land on the wro
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -15,7 +19,10 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .quant import dequantize, is_quantized_model, quantization_metadata, roundtrip, weight_kind
 from .zero import dist_info, full_numel, full_shape, gathered
+
+logger = logging.getLogger("sparse_ft")
 
 FORMAT = "sparse-ft-delta/1"
 FINGERPRINT_SAMPLES = 16
@@ -31,9 +38,13 @@ def _sample_positions(numel: int, name: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fingerprint(model: nn.Module, names: list[str] | None = None) -> dict:
+def fingerprint(model: nn.Module, names: list[str] | None = None, emulate: dict | None = None) -> dict:
     """Shapes and a few sampled values of the base weights of ``names`` (default: every layer a
-    method adapted), plus the parameter count. Collective under ZeRO-3 (call on every rank)."""
+    method adapted), plus the parameter count. Collective under ZeRO-3 (call on every rank).
+
+    A quantized weight is sampled dequantized: the values the run computed with, the same on every
+    load of the same base with the same settings. ``emulate`` (a delta's ``quantization`` record)
+    samples an unquantized weight as that quantization would have loaded it."""
     from .api import delta_layers
     from .methods.base import DeltaLinear, count_parameters
 
@@ -46,7 +57,13 @@ def fingerprint(model: nn.Module, names: list[str] | None = None) -> dict:
         shape = list(full_shape(weight))
         with gathered([weight]):
             pos = _sample_positions(full_numel(weight), name).to(weight.device)
-            sample = weight.detach().reshape(-1).index_select(0, pos).float().cpu()
+            if weight_kind(weight) is not None:
+                flat = dequantize(weight).reshape(-1)
+            elif emulate is not None and name in emulate.get("modules", ()):
+                flat = roundtrip(weight.detach(), emulate).reshape(-1)
+            else:
+                flat = weight.detach().reshape(-1)
+            sample = flat.index_select(0, pos).float().cpu()
         folded = modules[name].folded_into_weight(pos) if isinstance(modules[name], DeltaLinear) else None
         if folded is not None:  # describe the base, not the base plus what the method folded in
             sample = sample - folded.cpu()
@@ -54,8 +71,13 @@ def fingerprint(model: nn.Module, names: list[str] | None = None) -> dict:
     return out
 
 
-def check_fingerprint(expected: dict, model: nn.Module) -> None:
-    """Raise ``ConfigError`` saying which matrix differs when ``model`` is not the delta's base."""
+def check_fingerprint(expected: dict, model: nn.Module, quantization: dict | None = None) -> None:
+    """Raise ``ConfigError`` saying which matrix differs when ``model`` is not the delta's base.
+
+    ``quantization`` is the delta's record of the quantized base it was trained on (None: an
+    unquantized one). Onto an unquantized model the check quantizes the sampled matrices the same
+    way first; a delta trained on an unquantized base loaded onto a quantized model is checked by
+    shape only (quantization moves every weight by more than the tolerance)."""
     modules = dict(model.named_modules())
     for name, want in expected["matrices"].items():
         module = modules.get(name)
@@ -66,7 +88,11 @@ def check_fingerprint(expected: dict, model: nn.Module) -> None:
         if shape != want["shape"]:
             raise ConfigError(f"base weight {name}.weight has shape {shape}, but the delta was trained on a base "
                               f"where it has shape {want['shape']} (wrong base model for the delta)")
-    got = fingerprint(model, list(expected["matrices"]))
+    if quantization is None and is_quantized_model(model):
+        logger.warning("this delta was trained on an unquantized base and is loaded onto a quantized one: the base "
+                       "is checked by shape only")
+        return
+    got = fingerprint(model, list(expected["matrices"]), emulate=quantization)
     for name, want in expected["matrices"].items():
         a = torch.tensor(want["sample"])
         b = torch.tensor(got["matrices"][name]["sample"])
@@ -126,6 +152,7 @@ def save_delta(model: nn.Module, path: str | os.PathLike, base_model: str | None
     # A method that changed the base weights in place (DSEE's pruning) recorded the base's
     # fingerprint before doing so: the delta identifies the base it applies to.
     fp = getattr(model, "sparse_ft_base_fingerprint", None) or fingerprint(model)
+    quant = quantization_metadata(model)  # how a quantized base was loaded: export redoes it
     path = Path(path)
     if write is None:
         write = dist_info()[0] == 0
@@ -137,6 +164,7 @@ def save_delta(model: nn.Module, path: str | os.PathLike, base_model: str | None
             "method": json.dumps(config.to_dict()),
             "base_model": str(base),
             "base_fingerprint": json.dumps(fp),
+            **({"quantization": json.dumps(quant)} if quant is not None else {}),
             **{k: json.dumps(v) for k, v in (extra_metadata or {}).items()},
         }
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -161,6 +189,7 @@ def read_delta(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     decoded = dict(meta)
     for key in ("method", "base_fingerprint"):
         decoded[key] = json.loads(meta[key])
+    decoded["quantization"] = json.loads(meta["quantization"]) if "quantization" in meta else None
     return tensors, decoded
 
 
@@ -178,7 +207,7 @@ def load_delta(model: nn.Module, path: str | os.PathLike, check_base: bool = Tru
     tensors, meta = read_delta(path)
     config = config_from_dict(meta["method"])
     if check_base:
-        check_fingerprint(meta["base_fingerprint"], model)
+        check_fingerprint(meta["base_fingerprint"], model, meta["quantization"])
     apply(model, config, delta=tensors)
     targets = {}
     for name, layer in delta_layers(model):

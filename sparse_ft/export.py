@@ -297,15 +297,26 @@ def export_hf(source: str | os.PathLike, out_dir: str | os.PathLike, *, base_mod
 
     files = base_weight_files(base_dir)
     layers = config.delta_layer_names(tensors)
+    quant = meta.get("quantization")
     if not config.mergeable:
         _export_delta_with_loader(delta_path, base, tmp_dir, config)
+        quant = None  # nothing merged, nothing dequantized
     elif not files:
+        if quant is not None:
+            raise ConfigError(f"{delta_path} was trained on a {quant['scheme']}-quantized base, which export "
+                              f"re-quantizes from the base's safetensors or .bin weights; {base_dir} has none")
         _export_in_memory(delta_path, base_dir, tmp_dir, dtype, max_shard_size, meta)
     else:
         _export_streaming(files, base_dir, config, tensors, layers, meta, tmp_dir, DTYPES[dtype], limit)
         _copy_side_files(base_dir, tmp_dir, dtype)
     provenance = {"exported_by": f"sparse-ft {meta.get('sparse_ft_version')}", "delta": str(delta_path),
                   "base_model": str(base), "method": meta["method"], "dtype": dtype}
+    if quant is not None:
+        provenance["dequantized"] = {k: v for k, v in quant.items() if k != "modules"}
+        provenance["dequantized"]["layers"] = len(quant["modules"])
+        logger.info("the delta was trained on a %s-quantized base: dequantized its %d quantized linear layers (as "
+                    "bitsandbytes loaded them) to %s, then merged the delta", quant["scheme"], len(quant["modules"]),
+                    dtype)
     (tmp_dir / "sparse_ft_export.json").write_text(json.dumps(provenance, indent=2))
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -359,12 +370,27 @@ def _base_prefix(base_dir: Path) -> str | None:
 
 @torch.no_grad()
 def _export_streaming(files, base_dir, config, tensors, layers, meta, out_dir, dtype, limit) -> None:
+    """Stream the base, merging the delta. A delta trained on a quantized base first gets every
+    quantized layer's weight quantized and dequantized as loading did (:func:`sparse_ft.quant.roundtrip`):
+    the merged model is then the model that trained, not the unquantized base plus its delta."""
     readers = [_ShardReader(f) for f in files]
+    quant = meta.get("quantization")
+    prefix = _base_prefix(base_dir)
+    quantized = set(quant["modules"]) if quant else set()
+
+    def as_trained(model_key: str, tensor: torch.Tensor) -> torch.Tensor:
+        name, _, leaf = model_key.rpartition(".")
+        if leaf != "weight" or not quantized or (name not in quantized and f"{prefix}.{name}" not in quantized):
+            return tensor
+        from .quant import roundtrip
+
+        return roundtrip(tensor, quant)
+
     key_file = {}
     for reader in readers:
         for key in reader.keys():
             key_file[key] = reader
-    mapping = _layer_keys(layers, list(key_file), _base_prefix(base_dir))
+    mapping = _layer_keys(layers, list(key_file), prefix)
     by_module = {v[:-len(".weight")]: k for k, v in mapping.items()}
 
     def read_named(name: str) -> torch.Tensor:
@@ -376,8 +402,8 @@ def _export_streaming(files, base_dir, config, tensors, layers, meta, out_dir, d
 
         if reader.path.suffix == ".safetensors":
             with safe_open(str(reader.path), framework="pt") as f:
-                return f.get_tensor(ckpt_key)
-        return dict(reader.items())[ckpt_key]
+                return as_trained(f"{name}.weight", f.get_tensor(ckpt_key))
+        return as_trained(f"{name}.weight", dict(reader.items())[ckpt_key])
 
     _check_base(meta["base_fingerprint"], read_named)
     specs = [(key, shape, dtype if dtype_.is_floating_point else dtype_)
@@ -386,7 +412,7 @@ def _export_streaming(files, base_dir, config, tensors, layers, meta, out_dir, d
     for reader in readers:
         for key, tensor in reader.items():
             model_key = mapping.get(key, key)
-            out = config.export_tensor(model_key, tensor, tensors, layers)
+            out = config.export_tensor(model_key, as_trained(model_key, tensor), tensors, layers)
             if tensor.is_floating_point():
                 out = out.to(dtype)
             writer.add(key, out)

@@ -16,11 +16,25 @@ def is_partitioned(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
 
 
+def _packed_4bit_shape(param: torch.Tensor) -> torch.Size | None:
+    """The logical (out, in) shape of a bitsandbytes 4-bit weight, whose own shape is that of its
+    packed bytes; None for any other tensor."""
+    if type(param).__name__ == "Params4bit" and getattr(param, "quant_state", None) is not None:
+        return torch.Size(param.quant_state.shape)
+    return None
+
+
 def full_shape(param: torch.Tensor) -> torch.Size:
+    packed = _packed_4bit_shape(param)
+    if packed is not None:
+        return packed
     return param.ds_shape if is_partitioned(param) else param.shape
 
 
 def full_numel(param: torch.Tensor) -> int:
+    packed = _packed_4bit_shape(param)
+    if packed is not None:
+        return packed.numel()
     return int(param.ds_numel) if is_partitioned(param) else param.numel()
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..quant import base_linear, is_quantized_linear
 from ..zero import full_numel, full_shape
 
 logger = logging.getLogger("sparse_ft")
@@ -124,6 +125,11 @@ class MethodConfig:
     def after_merge(self, model: nn.Module) -> None:
         """Remove model-level state the method added (shared prototypes, pruning masks...)."""
 
+    def check_quantized(self, quantization: str) -> None:
+        """Raise ``ConfigError`` if this method cannot train on a base quantized as ``quantization``
+        (``nf4``/``int8``): called before any model is loaded. Methods whose update lives in the
+        activations or in a transiently dequantized weight work; ones that write the base do not."""
+
     # -- shared helpers ------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {"name": self.method, **dataclasses.asdict(self)}
@@ -152,9 +158,27 @@ class DeltaLinear(nn.Module):
         self.out_features = base.out_features
         self.weight = base.weight
         self.bias = base.bias
+        # A bitsandbytes layer (quantized base) is kept, unregistered (its weight and bias are the ones
+        # registered here), for its kernels and int8 matmul state; see :meth:`base_forward`.
+        # A stage's layer built over the previous stage's (LoReML) inherits its quantized base.
+        quantized_base = base if is_quantized_linear(base) else getattr(base, "quantized_base", None)
+        object.__setattr__(self, "quantized_base", quantized_base)
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the frozen base weight is bitsandbytes-quantized (packed; read by dequantizing)."""
+        return self.quantized_base is not None
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x W^T + b`` with the frozen base weight, plain or quantized, in ``x``'s dtype."""
+        if self.quantized_base is not None:
+            return base_linear(self.quantized_base, x, self.weight, self.bias, self.training)
+        from ..ops.sparse_delta import _linear
+
+        return _linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def delta_weight(self) -> torch.Tensor:
         """The dense update ``dW`` (out x in, fp32) such that merged weight = ``W + dW``."""

@@ -81,5 +81,28 @@ def build_ds_config(name_or_path: str, overrides: dict, *, micro_batch_size: int
     return ds
 
 
+def zero_settings(name_or_path: str, overrides: dict | None = None) -> dict:
+    """The ``zero_optimization`` section of a DeepSpeed config with ``overrides`` merged, unfilled
+    (for checks made before any model is loaded)."""
+    path = resolve_ds_config_path(name_or_path)
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"deepspeed.config: {path} is not valid JSON: {e}") from None
+    _merge(ds, copy.deepcopy(overrides or {}))
+    return ds.get("zero_optimization", {}) or {}
+
+
+def offloaded(name_or_path: str, overrides: dict | None = None) -> dict[str, str]:
+    """``{"parameters" | "optimizer": device}`` for what the config offloads (empty: nothing)."""
+    zero = zero_settings(name_or_path, overrides)
+    out = {}
+    for key, what in (("offload_param", "parameters"), ("offload_optimizer", "optimizer")):
+        device = (zero.get(key) or {}).get("device", "none")
+        if device not in (None, "none"):
+            out[what] = device
+    return out
+
+
 def zero_stage(ds: dict) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))

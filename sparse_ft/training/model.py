@@ -66,17 +66,51 @@ def meta_model(mc: ModelConfig):
 
 def load_model(mc: ModelConfig, dtype: torch.dtype, ds_config: dict | None = None):
     """``from_pretrained`` in ``dtype``; with a ZeRO-3 ``ds_config`` weights are partitioned as they
-    load (no rank ever holds the whole model)."""
+    load (no rank ever holds the whole model).
+
+    With ``mc.quantization`` (nf4, int8) bitsandbytes quantizes the linear layers as they load, on
+    this rank's device. ZeRO-3's partitioned loading (``zero.Init``) cannot build bitsandbytes
+    layers, so it is skipped: each rank first holds the whole quantized model, and ZeRO-3
+    partitions it when the engine is built."""
     from transformers import AutoModelForCausalLM
 
     kwargs = _common_kwargs(mc)
     if mc.attn_implementation:
         kwargs["attn_implementation"] = mc.attn_implementation
-    if ds_config is not None and ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+    zero3 = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+    if mc.quantization != "none":
+        from ..quant import bnb_config, compute_dtype, require_bnb
+        from .runtime import device
+
+        require_bnb(f"model.quantization = {mc.quantization}")
+        kwargs["quantization_config"] = bnb_config(mc.quantization, mc.double_quant,
+                                                   compute_dtype(mc.quant_compute_dtype, dtype))
+        kwargs["device_map"] = {"": device()}
+        if zero3:
+            logger.info("model.quantization = %s: ZeRO-3 partitioned loading is skipped; each rank loads the "
+                        "quantized model whole, the engine partitions it", mc.quantization)
+        with _zero3_off():
+            model = AutoModelForCausalLM.from_pretrained(mc.name_or_path, dtype=dtype, **kwargs)
+        _log_quantized(model, mc.quantization)
+        return _set_pad(model)
+    if zero3:
         from transformers.integrations import HfDeepSpeedConfig
 
         _live_hf_ds_configs.append(HfDeepSpeedConfig(ds_config))
     model = AutoModelForCausalLM.from_pretrained(mc.name_or_path, dtype=dtype, **kwargs)
+    return _set_pad(model)
+
+
+def _log_quantized(model, quantization: str) -> None:
+    from ..quant import is_quantized_linear
+
+    layers = [m for m in model.modules() if is_quantized_linear(m)]
+    held = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    logger.info("base loaded with model.quantization = %s: %d linear layers quantized, %.2f GiB of weights held",
+                quantization, len(layers), held / 2**30)
+
+
+def _set_pad(model):
     if getattr(model.generation_config, "pad_token_id", None) is None and model.config.eos_token_id is not None:
         eos = model.config.eos_token_id
         model.generation_config.pad_token_id = eos[0] if isinstance(eos, list) else eos

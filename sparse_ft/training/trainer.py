@@ -19,6 +19,7 @@ import yaml
 from .. import api
 from ..config import RunConfig, TrainConfig
 from ..errors import ConfigError
+from ..quant import make_optimizer
 from ..tasks import get_task, load_task_data
 from ..tasks.encode import encode_train_example, pad
 from . import runtime
@@ -168,10 +169,12 @@ class Trainer:
         groups = self.run_config.method.optimizer_groups(self.model, tc)
         if not any(g["params"] for g in groups):
             raise ConfigError("the method left no trainable parameter")
-        # Fused AdamW on CUDA; the trained set is small, the step is one kernel either way.
-        fused = {"fused": True} if torch.cuda.is_available() else {}
-        optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_eps,
-                                      weight_decay=tc.weight_decay, **fused)
+        # torch AdamW (fused on CUDA) or a bitsandbytes 8-bit AdamW, handed to DeepSpeed as the client
+        # optimizer; ZeRO wraps it (an optimizer outside its tested list needs the flag).
+        optimizer = make_optimizer(tc.optimizer, groups, lr=tc.lr, betas=(tc.adam_beta1, tc.adam_beta2),
+                                   eps=tc.adam_eps, weight_decay=tc.weight_decay)
+        if tc.optimizer != "adamw":
+            self.ds_config["zero_allow_untested_optimizer"] = True
         warmup = tc.warmup_steps or int(tc.warmup_ratio * total_steps)
         schedule = lr_lambda(tc.schedule, warmup, total_steps)
         self.engine, _, _, self.scheduler = deepspeed.initialize(

@@ -194,6 +194,12 @@ class DSEEConfig(MethodConfig):
             replace_module(model, name, DSEELinear(linear, omega[name], self.r, self.alpha,
                                                    self.init_A(name, linear.in_features)))
 
+    def check_quantized(self, quantization: str) -> None:
+        if self.prune != "none":
+            raise ConfigError(f"method.prune = {self.prune} with model.quantization = {quantization}: DSEE's pruning "
+                              "zeroes entries of the base weights, which a quantized base stores as packed integers; "
+                              "allowed on a quantized base: method.prune=none")
+
     def describe(self, model: nn.Module) -> str:
         layers = [m for m in model.modules() if isinstance(m, DSEELinear)]
         k = sum(layer.indices.numel() for layer in layers)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...ops.sparse_delta import _linear, sparse_delta_linear
+from ...ops.sparse_delta import _linear
 from ...zero import full_shape
 from ..random_mask.layer import SparseDeltaLinear
 
@@ -169,7 +169,7 @@ class DSEELinear(SparseDeltaLinear):
         values = self.values * self.scale
         if self.values_keep is not None:
             values = values * self.values_keep
-        y = sparse_delta_linear(x, self.weight, self.bias, values, self.indices, self.rows, self.cols)
+        y = self.sparse_forward(x, values)
         a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
         h = x if self.keep_cols is None else x * self.keep_cols.to(x.dtype)
         z = (h @ a.t()) @ b.t()

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ...errors import ConfigError
+from ...quant import dequantize
 from ...rpca import grebsmo, select_omega
 from ...zero import dist_info, full_numel, full_shape, gathered
 from ..random_mask.layer import name_seed
@@ -99,7 +100,7 @@ def compute_omega(model: nn.Module, names: list[str], settings: RPCASettings, pr
         for i in range(j * world, min((j + 1) * world, len(names))):
             with gathered([weights[i]]):  # every rank enters every gather
                 if i % world == rank:
-                    own = weights[i].detach().to(torch.float32, copy=True)
+                    own = dequantize(weights[i], torch.float32)  # a plain weight: an fp32 copy
         if own is not None:
             i = j * world + rank
             omega, stats = decompose(own, names[i], settings)

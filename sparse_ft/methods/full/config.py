@@ -30,6 +30,14 @@ class FullFinetuneConfig(MethodConfig):
                 return delta[name].float()
         return tensor
 
+    def check_quantized(self, quantization: str) -> None:
+        from ...errors import ConfigError
+
+        raise ConfigError(f"method.name = full with model.quantization = {quantization}: full fine-tuning updates the "
+                          "base weights, which a quantized base stores as frozen packed integers; use "
+                          "model.quantization=none for full fine-tuning (train.optimizer=adamw8bit still shrinks "
+                          "its optimizer state), or a parameter-efficient method on the quantized base")
+
     def apply_to(self, model: nn.Module, targets: list[tuple[str, nn.Linear]], delta=None) -> None:
         for p in model.parameters():
             p.requires_grad_(True)

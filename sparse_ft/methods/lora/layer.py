@@ -6,7 +6,6 @@ import math
 import torch
 from torch import nn
 
-from ...ops.sparse_delta import _linear
 from ..base import DeltaLinear
 
 
@@ -37,8 +36,7 @@ class LoRALinear(DeltaLinear):
         return (self.dropout(x) @ a.t() @ b.t()) * self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return _linear(x, self.weight.to(x.dtype), bias) + self.lora_out(x)
+        return self.base_forward(x) + self.lora_out(x)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scale

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ...quant import weight_kind
 from ...zero import full_shape, gathered
 from ..random_mask.layer import SparseDeltaLinear, index_dtype
 
@@ -33,7 +34,9 @@ def mask_indices(U: torch.Tensor, V: torch.Tensor, rho: float) -> torch.Tensor:
 @torch.no_grad()
 def fold_into_weight(weight: nn.Parameter, U: torch.Tensor, V: torch.Tensor, alpha2: float) -> None:
     """``W <- W + alpha2 U V`` in place (in W's dtype). Collective under ZeRO-3: call on every rank."""
-    if alpha2 == 0:
+    if alpha2 == 0 or weight_kind(weight) is not None:
+        # A quantized base cannot take the fold: FoldedSparseDeltaLinear adds it to its transiently
+        # dequantized weight instead.
         return
     update = alpha2 * low_rank(U, V)
     with gathered([weight], modifier_rank=0):
@@ -43,7 +46,8 @@ def fold_into_weight(weight: nn.Parameter, U: torch.Tensor, V: torch.Tensor, alp
 
 class FoldedSparseDeltaLinear(SparseDeltaLinear):
     """LoReML stage 2: ``y = x (W' + scatter(values))^T + b`` with ``W' = W + alpha2 U V`` already
-    folded into the base weight, and ``indices`` the top rho of ``|U V|``.
+    folded into the base weight, and ``indices`` the top rho of ``|U V|``. On a quantized base the
+    weight is left as loaded and the fold is added to the transiently dequantized copy instead.
 
     ``fold_U`` (out x r) and ``fold_V`` (r x in) are kept as non-persistent buffers (not in
     checkpoints) so the compact delta can carry them: export writes ``W + alpha2 U V + S`` from
@@ -60,8 +64,11 @@ class FoldedSparseDeltaLinear(SparseDeltaLinear):
     def delta_tensors(self) -> dict[str, torch.Tensor]:
         return {**super().delta_tensors(), "fold_U": self.fold_U, "fold_V": self.fold_V}
 
+    def quantized_fold(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        return (self.fold_U, self.fold_V, self.alpha2) if self.alpha2 else None
+
     def folded_into_weight(self, flat_positions: torch.Tensor) -> torch.Tensor | None:
-        if self.alpha2 == 0:
+        if self.alpha2 == 0 or self.quantized:  # a quantized weight was left as loaded
             return None
         n = full_shape(self.weight)[1]
         rows, cols = flat_positions // n, flat_positions % n

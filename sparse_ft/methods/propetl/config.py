@@ -365,9 +365,11 @@ def task_delta(src, dst, task: str):
         task_mask = unpack_bits(tensors[f"{task_prefix}{task}.{group}.mask_{tensor}"], proto.shape)
         out[key] = pack_bits(hybrid_mask(layer_mask, task_mask))
     method["tasks"] = []
-    meta_out = {k: v for k, v in meta.items() if k not in ("method", "base_fingerprint")}
+    meta_out = {k: v for k, v in meta.items() if k not in ("method", "base_fingerprint", "quantization")}
     meta_out.update(method=json.dumps(method), base_fingerprint=json.dumps(meta["base_fingerprint"]),
                     propetl_task=json.dumps(task))
+    if meta.get("quantization") is not None:
+        meta_out["quantization"] = json.dumps(meta["quantization"])
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in out.items()}, str(dst), metadata=meta_out)
     return dst

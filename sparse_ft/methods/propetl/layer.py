@@ -256,10 +256,9 @@ class ProPETLLoRALinear(_ProPETLLayer):
         self.scale = scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
         a = self.masked("lora_A", x.dtype)
         b = self.masked("lora_B", x.dtype)
-        return _linear(x, self.weight.to(x.dtype), bias) + (x @ a.t() @ b.t()) * self.scale
+        return self.base_forward(x) + (x @ a.t() @ b.t()) * self.scale
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
@@ -278,8 +277,7 @@ class ProPETLAdapterLinear(_ProPETLLayer):
         self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        h = _linear(x, self.weight.to(x.dtype), bias)
+        h = self.base_forward(x)
         proto = self.prototype
         down = self.masked("down", h.dtype)
         up = self.masked("up", h.dtype)

@@ -12,7 +12,7 @@ import hashlib
 import torch
 from torch import nn
 
-from ...ops import sparse_delta_linear
+from ...ops import quantized_sparse_delta_linear, sparse_delta_linear
 from ...zero import full_shape
 from ..base import DeltaLinear
 
@@ -77,7 +77,20 @@ class SparseDeltaLinear(DeltaLinear):
         return self.indices.numel() / (m * n)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sparse_delta_linear(x, self.weight, self.bias, self.values, self.indices, self.rows, self.cols)
+        return self.sparse_forward(x, self.values)
+
+    def sparse_forward(self, x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """``x (W + scatter(values))^T + b``; on a quantized base through a transiently dequantized
+        weight (:mod:`sparse_ft.ops.quantized_delta`)."""
+        if self.quantized:
+            return quantized_sparse_delta_linear(x, self.weight, self.bias, values, self.indices, self.rows,
+                                                 self.cols, self.quantized_fold())
+        return sparse_delta_linear(x, self.weight, self.bias, values, self.indices, self.rows, self.cols)
+
+    def quantized_fold(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """A low-rank ``(U, V, alpha)`` the quantized path adds to the dequantized weight (the fold a
+        plain base takes in place); None here."""
+        return None
 
     @staticmethod
     def dense_delta(indices: torch.Tensor, values: torch.Tensor, shape) -> torch.Tensor:
