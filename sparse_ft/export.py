@@ -409,14 +409,53 @@ def _export_streaming(files, base_dir, config, tensors, layers, meta, out_dir, d
     specs = [(key, shape, dtype if dtype_.is_floating_point else dtype_)
              for reader in readers for key, shape, dtype_ in reader.specs()]
     writer = _ShardWriter(out_dir, limit, specs)
-    for reader in readers:
-        for key, tensor in reader.items():
-            model_key = mapping.get(key, key)
-            out = config.export_tensor(model_key, as_trained(model_key, tensor), tensors, layers)
-            if tensor.is_floating_point():
-                out = out.to(dtype)
-            writer.add(key, out)
+    for key, tensor in _prefetch(kv for reader in readers for kv in reader.items()):
+        model_key = mapping.get(key, key)
+        out = config.export_tensor(model_key, as_trained(model_key, tensor), tensors, layers)
+        if tensor.is_floating_point():
+            out = out.to(dtype)
+        writer.add(key, out)
     writer.finish()
+
+
+def _prefetch(items, depth: int = 2):
+    """Yield from ``items`` while a thread reads up to ``depth`` ahead: the base's reads overlap the
+    merge and the output's writes (file I/O and torch ops release the GIL)."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:  # handed to the consumer, raised there
+            q.put(e)
+
+    thread = threading.Thread(target=produce, name="export-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
 
 
 def _export_in_memory(delta_path, base_dir, out_dir, dtype, max_shard_size, meta) -> None:
