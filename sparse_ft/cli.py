@@ -28,10 +28,12 @@ def train_main(argv: list[str] | None = None) -> int:
     from .config import load_config
 
     run = load_config(args.config, args.overrides)
+    from .training.guard import EXIT_DIVERGED
     from .training.trainer import train
 
-    train(run)
-    return 0
+    result = train(run)
+    # A diverged run is not a crash: its own exit code, so job scripts and `sparse-ft sweep` can tell.
+    return EXIT_DIVERGED if "diverged" in result else 0
 
 
 def export_main(argv: list[str] | None = None) -> int:
