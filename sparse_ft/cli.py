@@ -85,7 +85,14 @@ def rpca_main(argv: list[str] | None = None) -> int:
     return cli_main(argv)
 
 
-COMMANDS = {"train": train_main, "export": export_main, "rpca": rpca_main}
+def sweep_main(argv: list[str] | None = None) -> int:
+    _setup_logging()
+    from .sweep import main as sweep_cli
+
+    return sweep_cli(argv)
+
+
+COMMANDS = {"train": train_main, "export": export_main, "rpca": rpca_main, "sweep": sweep_main}
 
 
 def main(argv: list[str] | None = None) -> int:

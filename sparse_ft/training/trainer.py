@@ -379,9 +379,9 @@ class Trainer:
                 start = state["step"]
                 self.bad_steps = state.get("bad_steps", 0)
                 self.consecutive_bad_steps = state.get("consecutive_bad_steps", 0)
+                logger.info("resumed from %s at stage %d step %d", resume_path, s, start)
             else:
                 self.consecutive_bad_steps = 0  # a new stage starts a new optimizer
-                logger.info("resumed from %s at stage %d step %d", resume_path, s, start)
             stage_results: dict = {}
             prefix = f"{stage.name}/" if multi else ""
             results[f"{prefix}train_loss"] = self.fit(s, stage.name, tc, plan, total, start,
