@@ -20,6 +20,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -248,9 +249,17 @@ def read_point(point: Point, metric: str, ran: bool = True) -> PointResult:
                            note=f"{d.get('reason', 'non-finite')} at step {d.get('step')}")
     if not ran:
         return PointResult(point, "pending", note="not run yet")
-    log = point.dir / "train.log"
-    tail = [l for l in log.read_text(errors="replace").splitlines() if l.strip()][-1:] if log.is_file() else []
-    return PointResult(point, "failed", note=(tail[0][-160:] if tail else "no results.json or diverged.json"))
+    return PointResult(point, "failed", note=_failure_line(point.dir / "train.log"))
+
+
+def _failure_line(log: Path) -> str:
+    """The exception line of a failed run's log (progress bars write \\r-separated lines after it)."""
+    if not log.is_file():
+        return "no results.json or diverged.json"
+    lines = [l.strip() for l in log.read_text(errors="replace").splitlines() if l.strip()]
+    errors = [l for l in lines if re.search(r"(Error|Exception|error:)", l) and not l.startswith("File ")]
+    line = (errors or lines or ["no results.json or diverged.json"])[-1]
+    return re.sub(r"^\[rank\d+\]:\s*", "", line)[-200:]
 
 
 # -- tables and plot ------------------------------------------------------------------------------
@@ -372,15 +381,18 @@ def plot(out: Path, cells: list[Cell], best: dict, metric: str, title: str) -> P
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     bottom = ax.get_xaxis_transform()  # x in data, y in axes fraction
-    marked = set()
-    for i, setting in enumerate(dict.fromkeys(c.setting for c in cells)):
+    settings = list(dict.fromkeys(c.setting for c in cells))
+    lines = {}
+    for i, setting in enumerate(settings):  # the lines first, so the legend lists them first
         mine = sorted((c for c in cells if c.setting == setting), key=lambda c: c.lr)
         split = "test" if any(c.values("test") for c in mine) else "dev"
-        color = f"C{i % 10}"
+        lines[setting] = (mine, split, f"C{i % 10}")
         pts = [(c.lr, *_mean_std(c.values(split))) for c in mine if c.values(split)]
         if pts:
             xs, ys, es = zip(*pts)
-            ax.errorbar(xs, ys, yerr=es, color=color, marker="o", capsize=3, label=setting.label)
+            ax.errorbar(xs, ys, yerr=es, color=f"C{i % 10}", marker="o", capsize=3, label=setting.label)
+    marked = set()
+    for setting, (mine, split, color) in lines.items():
         if setting in best and best[setting][0].values(split):
             c = best[setting][0]
             ax.plot([c.lr], [_mean_std(c.values(split))[0]], marker="*", markersize=15, color=color,
@@ -398,7 +410,10 @@ def plot(out: Path, cells: list[Cell], best: dict, metric: str, title: str) -> P
     ax.set_ylabel(f"{metric} (test, mean ± std over seeds)")
     ax.set_title(title)
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=8)
+    handles, labels = ax.get_legend_handles_labels()
+    first = {s.label for s in settings}  # matplotlib lists error-bar lines after plain markers
+    order = sorted(range(len(labels)), key=lambda i: labels[i] not in first)
+    ax.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=8)
     fig.tight_layout()
     path = out / "lr_sweep.png"
     fig.savefig(path, dpi=120)
