@@ -190,6 +190,11 @@ def build_points(tree: dict, lrs: list[float], out: Path, densities: list[float]
                     run.train.checkpoint_dir = None
                     run.train.resume_from = "latest"
                     points.append(Point(setting, lr, run.train.seed, point_dir, run.to_dict()))
+    dirs = [p.dir for p in points]
+    if len(set(dirs)) != len(dirs):
+        twice = next(d for d in dirs if dirs.count(d) > 1)
+        raise ConfigError(f"--lr/--density/--seeds: two points of the grid would share {twice} (values that "
+                          "differ beyond 6 significant digits); give distinct values")
     return points
 
 
@@ -206,12 +211,13 @@ def write_point_config(point: Point) -> None:
     one table never mixes two settings."""
     path = point.config_path
     if path.is_file() and finished(point):
-        old = yaml.safe_load(path.read_text())
-        if old != point.config:
-            diff = sorted(f"{s}.{k}" for s in point.config for k in set(point.config[s]) | set(old.get(s, {}))
-                          if point.config[s].get(k) != old.get(s, {}).get(k))
+        old = yaml.safe_load(path.read_text()) or {}
+        # Keys on one side only are ignored: a newer sparse-ft may add a field with a default.
+        diff = sorted(f"{s}.{k}" for s, section in point.config.items() for k in section
+                      if k in (old.get(s) or {}) and section[k] != old[s][k])
+        if diff:
             raise ConfigError(f"--out: point {point.name} in {point.dir} finished with a different config "
-                              f"({', '.join(diff) or 'sections differ'}); use another --out or delete that directory")
+                              f"({', '.join(diff)}); use another --out or delete that directory")
         return
     point.dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -430,6 +436,10 @@ def sweep(config: str, lrs: list[float], out: Path | None = None, densities: lis
     result, or None with ``print_commands``."""
     from .tasks import get_task
 
+    try:
+        import matplotlib  # noqa: F401  (checked first: the plot comes after hours of training)
+    except ImportError:
+        raise ConfigError("sparse-ft sweep needs matplotlib for lr_sweep.png: pip install 'sparse-ft[sweep]'") from None
     tree = read_tree(config, list(overrides))
     base = from_dict(copy.deepcopy(tree))
     out = Path(out) if out is not None else Path(base.train.output_dir) / "sweep"

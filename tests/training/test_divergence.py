@@ -152,3 +152,29 @@ def test_max_bad_steps_is_validated(assets, tmp_path):
 
     with pytest.raises(ConfigError, match="train.max_bad_steps"):
         load_config(write(assets, tmp_path, "out"), ["train.max_bad_steps=-1"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_two_ranks_agree_to_skip(assets, tmp_path, zero):
+    """Only rank 1 sees the infinite gradient of step 3; both ranks skip it (the flag is all-reduced),
+    and the result equals two ranks trained without that step's batch."""
+    from helpers import ROOT, run_deepspeed
+
+    check = ROOT / "tests" / "dist" / "guard_check.py"
+    reports = {}
+    for name, flag, steps in (("ref", "--drop-step", 4), ("guarded", "--poison-step", 5)):
+        tree = base_run_tree(assets["model"], assets["data"], tmp_path / name, max_steps=steps, micro_batch_size=4)
+        tree["task"].update(num_train=96, num_test=16)
+        tree["deepspeed"]["config"] = zero
+        cfg = write_yaml(tmp_path / f"{name}.yaml", tree)
+        run_deepspeed(check, ["--config", str(cfg), "--report", str(tmp_path / f"{name}-RANK.pt"), flag, "3"])
+        reports[name] = [torch.load(tmp_path / f"{name}-{r}.pt", weights_only=False) for r in (0, 1)]
+    for ref, guarded in zip(reports["ref"], reports["guarded"]):
+        assert guarded["results"]["bad_steps"] == 1 and ref["results"]["bad_steps"] == 0
+        assert len(ref["state"]) == len(guarded["state"]) > 0
+        for a, b in zip(ref["state"], guarded["state"]):
+            assert float(b["step"]) == 4
+            assert all(torch.equal(a[k], b[k]) for k in a)
+    da, db = load_file(str(tmp_path / "ref" / "delta.safetensors")), load_file(str(tmp_path / "guarded" / "delta.safetensors"))
+    assert da.keys() == db.keys() and all(torch.equal(da[k], db[k]) for k in da)
