@@ -56,26 +56,32 @@ class Diverged(Exception):
                 "last_checkpoint": self.last_checkpoint}
 
 
-def local_grads(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
-    """This rank's share of the reduced gradients of ``params``, right after the boundary backward.
+def local_grads(engine, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    """This rank's share of the reduced gradients of ``params``, right after the boundary backward
+    (no communication).
 
-    ZeRO-3 keeps them in partitioned fp32 buffers (DeepSpeed's ``safe_get_local_grad``); ZeRO-1/2 in
-    the flat partition each parameter's ``_hp_mapping`` points into (only the parameters with a
-    fragment on this rank have one); without ZeRO they are ``param.grad``. No communication.
+    ZeRO-3 keeps them in partitioned fp32 buffers (DeepSpeed's ``safe_get_local_grad`` per parameter).
+    ZeRO-1/2 keep this rank's partition as a list per parameter group, the tensors DeepSpeed's own
+    overflow check reads (``averaged_gradients``; with CPU offload, the fp32 partition's ``.grad``);
+    a parameter's ``_hp_mapping`` index does not address that list when the partition holds only part
+    of the group. Without ZeRO they are ``param.grad`` (bf16 keeps an fp32 copy in ``_hp_grad``).
     """
-    from deepspeed.utils import safe_get_local_grad
+    stage = engine.zero_optimization_stage()
+    opt = engine.optimizer
+    grads: list = []
+    if stage == 3:
+        from deepspeed.utils import safe_get_local_grad
 
-    grads = []
-    for p in params:
-        if hasattr(p, "ds_id"):
-            g = safe_get_local_grad(p)
-        elif getattr(p, "_hp_mapping", None) is not None:
-            g = p._hp_mapping.get_lp_grad_fragment(p._index_in_param_group)
+        grads = [safe_get_local_grad(p) for p in params]
+    elif stage in (1, 2):
+        if getattr(opt, "cpu_offload", False):
+            grads = [g.grad for g in opt.single_partition_of_fp32_groups]
         else:
-            g = p.grad
-        if g is not None and g.numel():
-            grads.append(g)
-    return grads
+            grads = [g for group in opt.averaged_gradients.values() for g in (group or [])]
+    else:
+        grads = [getattr(p, "_hp_grad", None) if getattr(p, "_hp_grad", None) is not None else p.grad
+                 for p in params]
+    return [g for g in grads if g is not None and g.numel()]
 
 
 def count_nonfinite(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:

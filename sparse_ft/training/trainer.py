@@ -256,7 +256,7 @@ class Trainer:
             step += 1
             # The guard's verdict rides in the loss all-reduce. Under fp16 an inf gradient is DeepSpeed's
             # loss scaler calibrating (it skips those steps itself), so only the loss is checked there.
-            bad_grads = (count_nonfinite(local_grads(self.trained), device) if self.precision != "fp16"
+            bad_grads = (count_nonfinite(local_grads(engine, self.trained), device) if self.precision != "fp16"
                          else torch.zeros((), dtype=torch.float64, device=device))
             stats = torch.stack([loss_sum, torch.tensor(float(len(micro_batches)), dtype=torch.float64, device=device),
                                  torch.tensor(float(tokens), dtype=torch.float64, device=device), bad_grads])
