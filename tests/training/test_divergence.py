@@ -41,15 +41,15 @@ class InfGrad(torch.autograd.Function):
         return torch.full_like(grad, float("inf"))
 
 
-def poison(monkeypatch, bad_steps: set[int], kind: str) -> None:
-    """Make the forward of the given (1-based) optimizer steps non-finite; grad_accum is 1 here."""
+def poison(monkeypatch, bad_calls: set[int], kind: str) -> None:
+    """Make the given (1-based) forward calls non-finite: with grad_accum 1, those optimizer steps."""
     real = Trainer._forward
     calls = [0]
 
     def forward(self, batch):
         calls[0] += 1
         loss = real(self, batch)
-        if calls[0] in bad_steps:
+        if calls[0] in bad_calls:
             return loss * float("nan") if kind == "loss" else InfGrad.apply(loss)
         return loss
 
@@ -72,8 +72,9 @@ def metric_rows(out):
     return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("zero,kind", [("zero0", "loss"), ("zero0", "grad"), ("zero2", "grad"), ("zero3", "loss")])
-def test_skipped_step_equals_a_run_without_it(assets, tmp_path, monkeypatch, zero, kind):
+@pytest.mark.parametrize("zero,kind,accum", [("zero0", "loss", 1), ("zero0", "grad", 1), ("zero2", "grad", 1),
+                                             ("zero3", "loss", 1), ("zero0", "grad", 2)])
+def test_skipped_step_equals_a_run_without_it(assets, tmp_path, monkeypatch, zero, kind, accum):
     from transformers.integrations import deepspeed as hf_ds
 
     from sparse_ft.training import model as model_mod
@@ -86,11 +87,13 @@ def test_skipped_step_equals_a_run_without_it(assets, tmp_path, monkeypatch, zer
     real_plan = BatchPlan.micro_batches
     monkeypatch.setattr(BatchPlan, "micro_batches",
                         lambda self, step, rank: real_plan(self, step + (step >= bad - 1), rank))
-    ref = run(write(assets, tmp_path, "ref", zero, max_steps=5))
+    ref = run(write(assets, tmp_path, "ref", zero, max_steps=5, grad_accum=accum, micro_batch_size=8 // accum))
     monkeypatch.setattr(BatchPlan, "micro_batches", real_plan)
-    # The guarded run: 6 steps, step 3 non-finite.
-    poison(monkeypatch, {bad}, kind)
-    guarded = run(write(assets, tmp_path, "guarded", zero, max_steps=6))
+    # The guarded run: 6 steps, step 3 non-finite (with accumulation: its first micro-batch, whose
+    # gradient the second one's adds to).
+    poison(monkeypatch, {(bad - 1) * accum + 1}, kind)
+    guarded = run(write(assets, tmp_path, "guarded", zero, max_steps=6, grad_accum=accum,
+                        micro_batch_size=8 // accum))
 
     assert guarded.results["bad_steps"] == 1 and ref.results["bad_steps"] == 0
     da, db = load_file(str(tmp_path / "ref" / "delta.safetensors")), load_file(str(tmp_path / "guarded" / "delta.safetensors"))
