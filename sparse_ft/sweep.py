@@ -18,6 +18,7 @@ import copy
 import csv
 import dataclasses
 import json
+import logging
 import math
 import os
 import re
@@ -36,6 +37,7 @@ STATUSES = ("ok", "diverged", "failed", "pending")
 POINT_CONFIG = "sweep_point.yaml"
 DEFAULT_LAUNCHER = "sparse-ft train"
 LOWER_IS_BETTER = {"loss", "perplexity"}
+logger = logging.getLogger("sparse_ft")
 
 
 # -- the grid ---------------------------------------------------------------------------------------
@@ -182,6 +184,10 @@ def build_points(tree: dict, lrs: list[float], out: Path, densities: list[float]
                         run = from_dict(t)
                     except ConfigError as e:
                         raise ConfigError(f"sweep point {m} lr={lr:g}: {e}") from None
+                    fixed = [st.name for st in run.method.stages(run.train) if st.train.lr != lr]
+                    if fixed and lr == lrs[0] and seed == (seeds or [None])[0]:
+                        logger.warning("--lr sets train.lr, but %s stage(s) %s set their own lr, which the sweep "
+                                       "does not change", m, ", ".join(fixed))
                     d = getattr(run.method, "density", None)
                     setting = Setting(m, float(d) if d is not None else None)
                     point_dir = (out / setting.dirname / f"lr{lr:g}-seed{run.train.seed}").resolve()
