@@ -28,10 +28,12 @@ def train_main(argv: list[str] | None = None) -> int:
     from .config import load_config
 
     run = load_config(args.config, args.overrides)
+    from .training.guard import EXIT_DIVERGED
     from .training.trainer import train
 
-    train(run)
-    return 0
+    result = train(run)
+    # A diverged run is not a crash: its own exit code, so job scripts and `sparse-ft sweep` can tell.
+    return EXIT_DIVERGED if "diverged" in result else 0
 
 
 def export_main(argv: list[str] | None = None) -> int:
@@ -89,7 +91,14 @@ def rpca_main(argv: list[str] | None = None) -> int:
     return cli_main(argv)
 
 
-COMMANDS = {"train": train_main, "export": export_main, "rpca": rpca_main}
+def sweep_main(argv: list[str] | None = None) -> int:
+    _setup_logging()
+    from .sweep import main as sweep_cli
+
+    return sweep_cli(argv)
+
+
+COMMANDS = {"train": train_main, "export": export_main, "rpca": rpca_main, "sweep": sweep_main}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -192,6 +192,13 @@ class TrainConfig:
     save_delta: bool = True
     """Write ``delta.safetensors`` (the compact delta) to ``output_dir`` at the end."""
 
+    max_bad_steps: int = 10
+    """Divergence guard: an optimizer step whose loss or trained gradients hold a NaN or inf is skipped
+    (values and optimizer state untouched; its batch is consumed and the LR schedule moves on) and
+    logged in metrics.jsonl (``skipped``, ``bad_steps``). This many skipped steps in a row stop the
+    run: ``diverged.json`` is written, the last checkpoint taken before them is kept, and
+    ``sparse-ft train`` exits with code 3. 0: never stop (bad steps are still skipped)."""
+
 
 @dataclass
 class DeepSpeedSection:
@@ -379,6 +386,9 @@ def validate(run: RunConfig) -> None:
         raise ConfigError("train.epochs must be > 0 when train.max_steps is not set")
     if not 0 <= tr.warmup_ratio < 1:
         raise ConfigError(f"train.warmup_ratio = {tr.warmup_ratio}; allowed: [0, 1)")
+    from .training.guard import check_max_bad_steps
+
+    check_max_bad_steps(tr.max_bad_steps)
     if tr.max_grad_norm < 0:
         raise ConfigError(f"train.max_grad_norm = {tr.max_grad_norm}; allowed: >= 0 (0 disables)")
     from .training.ds_config import resolve_ds_config_path

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ from .checkpoint import CheckpointManager, read_latest
 from .data import BatchPlan
 from .ds_config import build_ds_config, zero_stage
 from .evaluate import evaluate
+from .guard import DIVERGED_FILE, Diverged, count_nonfinite, local_grads, make_skippable
 from .model import load_config_only, load_model, load_tokenizer, meta_model
 from .multitask import TaskMix
 
@@ -136,6 +138,11 @@ class Trainer:
         self.model = None
         self.engine = None
         self.scheduler = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.trained: list[torch.nn.Parameter] = []
+        # Divergence guard counters: skipped steps in the whole run, and in a row (saved in checkpoints).
+        self.bad_steps = 0
+        self.consecutive_bad_steps = 0
         self.metrics = MetricsWriter(self.output_dir / "metrics.jsonl", self.rank == 0)
         ckpt_root = Path(run.train.checkpoint_dir or self.output_dir / "checkpoints")
         self.ds_config = self._ds_config(run.train)
@@ -170,16 +177,19 @@ class Trainer:
         if not any(g["params"] for g in groups):
             raise ConfigError("the method left no trainable parameter")
         # torch AdamW (fused on CUDA) or a bitsandbytes 8-bit AdamW, handed to DeepSpeed as the client
-        # optimizer; ZeRO wraps it (an optimizer outside its tested list needs the flag).
-        optimizer = make_optimizer(tc.optimizer, groups, lr=tc.lr, betas=(tc.adam_beta1, tc.adam_beta2),
-                                   eps=tc.adam_eps, weight_decay=tc.weight_decay)
+        # optimizer; ZeRO wraps it (an optimizer outside its tested list needs the flag). The guard
+        # can switch its update off for a step with non-finite gradients.
+        optimizer = make_skippable(make_optimizer(tc.optimizer, groups, lr=tc.lr, betas=(tc.adam_beta1, tc.adam_beta2),
+                                                  eps=tc.adam_eps, weight_decay=tc.weight_decay))
         if tc.optimizer != "adamw":
             self.ds_config["zero_allow_untested_optimizer"] = True
+        self.optimizer = optimizer
         warmup = tc.warmup_steps or int(tc.warmup_ratio * total_steps)
         schedule = lr_lambda(tc.schedule, warmup, total_steps)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=optimizer, config=self.ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+        self.trained = [p for p in self.engine.module.parameters() if p.requires_grad]
 
     def destroy_engine(self) -> None:
         if self.engine is not None:
@@ -202,6 +212,23 @@ class Trainer:
         return out
 
     # -- the loop ----------------------------------------------------------------------------------
+    def _forward(self, batch: dict) -> torch.Tensor:
+        """One micro-batch's loss (a seam for tests that inject a non-finite loss)."""
+        return self.engine(**batch).loss
+
+    def _skip_step(self) -> None:
+        """The engine's step with the update made a no-op (see :mod:`.guard`): DeepSpeed still clears
+        the gradients and advances its counters, nothing trained or in the optimizer state changes."""
+        skipped_before = self.engine.skipped_steps
+        self.optimizer.skipping = True
+        try:
+            self.engine.step()
+        finally:
+            self.optimizer.skipping = False
+        if self.engine.skipped_steps != skipped_before:
+            # DeepSpeed's own overflow check (ZeRO, fp16) skipped it and held the schedule back.
+            self.scheduler.step()
+
     def fit(self, stage_index: int, stage_name: str, tc: TrainConfig, plan: BatchPlan, total_steps: int,
             start_step: int, stage_results: dict) -> float:
         """Optimizer steps ``start_step`` .. ``total_steps``; returns the last step's mean loss."""
@@ -220,34 +247,64 @@ class Trainer:
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             tokens = 0
             micro_batches = plan.micro_batches(step, self.rank)
-            for idx in micro_batches:
+            for j, idx in enumerate(micro_batches):
                 batch = pad([self.encoded[i][0] for i in idx], [self.encoded[i][1] for i in idx], self.pad_id)
                 tokens += int(batch["attention_mask"].sum())
                 if self.mix is not None:
                     self.mix.activate(self.model, idx)
-                out = engine(**{k: v.to(device) for k, v in batch.items()})
-                engine.backward(out.loss)
-                engine.step()
-                loss_sum += out.loss.detach().double()
+                loss = self._forward({k: v.to(device) for k, v in batch.items()})
+                engine.backward(loss)
+                loss_sum += loss.detach().double()
+                if j < len(micro_batches) - 1:
+                    engine.step()  # not the accumulation boundary: DeepSpeed only counts the micro-batch
             step += 1
+            # The guard's verdict rides in the loss all-reduce. Under fp16 an inf gradient is DeepSpeed's
+            # loss scaler calibrating (it skips those steps itself), so only the loss is checked there.
+            bad_grads = (count_nonfinite(local_grads(engine, self.trained), device) if self.precision != "fp16"
+                         else torch.zeros((), dtype=torch.float64, device=device))
             stats = torch.stack([loss_sum, torch.tensor(float(len(micro_batches)), dtype=torch.float64, device=device),
-                                 torch.tensor(float(tokens), dtype=torch.float64, device=device)])
+                                 torch.tensor(float(tokens), dtype=torch.float64, device=device), bad_grads])
             runtime.all_reduce_(stats)
-            last_loss = float(stats[0] / stats[1])
+            loss_total, n_micro, n_tokens, n_bad_grads = stats.tolist()  # the step's one host transfer
+            last_loss = loss_total / n_micro
+            step_lr = self.scheduler.get_last_lr()[0]
+            reason = ("non-finite loss" if not math.isfinite(loss_total) else
+                      "non-finite gradient" if n_bad_grads > 0 else None)
+            if reason is None:
+                engine.step()
+                self.consecutive_bad_steps = 0
+            else:
+                self._skip_step()
+                self.bad_steps += 1
+                self.consecutive_bad_steps += 1
+                logger.warning("step %d: %s, optimizer step skipped (%d in a row, %d in all; lr %g)", step, reason,
+                               self.consecutive_bad_steps, self.bad_steps, step_lr)
             elapsed = time.perf_counter() - t0
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{last_loss:.4f}")
-            if step % tc.log_every == 0 or step == total_steps:
-                self.metrics.write({**tag, "step": step, "epoch": round(plan.epoch_of(step), 4), "loss": last_loss,
-                                    "lr": self.scheduler.get_last_lr()[0],
-                                    "tokens_per_s": float(stats[2]) / max(elapsed, 1e-9),
-                                    "peak_mem_gib": runtime.peak_memory_gib()})
+            if step % tc.log_every == 0 or step == total_steps or reason is not None:
+                row = {**tag, "step": step, "epoch": round(plan.epoch_of(step), 4), "loss": last_loss,
+                       "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": n_tokens / max(elapsed, 1e-9),
+                       "peak_mem_gib": runtime.peak_memory_gib(), "bad_steps": self.bad_steps}
+                if reason is not None:
+                    row.update(skipped=reason, consecutive_bad_steps=self.consecutive_bad_steps)
+                self.metrics.write(row)
+            max_bad = self.run_config.train.max_bad_steps
+            if max_bad and self.consecutive_bad_steps >= max_bad:
+                # No checkpoint now: the last one written before the bad run stays `latest`.
+                last = read_latest(self.checkpoints.root)
+                raise Diverged(step, step_lr, self.consecutive_bad_steps, self.bad_steps, stage_name, reason,
+                               str(last) if last is not None else None)
             if tc.eval_every and step % tc.eval_every == 0 and step < total_steps and self.data.dev:
                 dev = self.evaluate("dev")
                 self.metrics.write({**tag, "step": step, **{f"dev/{k}": v for k, v in dev.items()}})
             stopping = tc.stop_after_steps and step - start_step >= tc.stop_after_steps and step < total_steps
-            if (tc.save_every and (step % tc.save_every == 0 or step == total_steps)) or stopping:
+            # A step that was skipped writes no periodic checkpoint, so `latest` is always a state reached
+            # by a good step (the end of a stage is still saved: the run completed).
+            at_end = tc.save_every and step == total_steps
+            periodic = tc.save_every and step % tc.save_every == 0 and reason is None
+            if at_end or periodic or (stopping and reason is None):
                 self.save_checkpoint(stage_index, step, total_steps, stage_results)
             if stopping:
                 raise StopTraining(step)
@@ -257,7 +314,8 @@ class Trainer:
 
     def save_checkpoint(self, stage_index: int, step: int, total_steps: int, stage_results: dict) -> Path:
         state = {"stage": stage_index, "step": step, "total_steps": total_steps, "metrics_rows": self.metrics.rows,
-                 "stage_results": stage_results, "world_size": self.world}
+                 "stage_results": stage_results, "world_size": self.world, "bad_steps": self.bad_steps,
+                 "consecutive_bad_steps": self.consecutive_bad_steps}
         return self.checkpoints.save(self.engine, stage_index, step, state, self.run_config.model.name_or_path,
                                      self.delta_metadata())
 
@@ -296,6 +354,7 @@ class Trainer:
         if self.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "run_config.yaml").write_text(yaml.safe_dump(run.to_dict(), sort_keys=False))
+            (self.output_dir / DIVERGED_FILE).unlink(missing_ok=True)  # from an earlier attempt in this dir
         self.load()
         results: dict = dict(resume_state["stage_results"]) if resume_state else {}
         results["method"] = run.method.describe(self.model)
@@ -322,12 +381,17 @@ class Trainer:
             if s == resume_stage:
                 state = self.checkpoints.load(self.engine, resume_path)
                 start = state["step"]
+                self.bad_steps = state.get("bad_steps", 0)
+                self.consecutive_bad_steps = state.get("consecutive_bad_steps", 0)
                 logger.info("resumed from %s at stage %d step %d", resume_path, s, start)
+            else:
+                self.consecutive_bad_steps = 0  # a new stage starts a new optimizer
             stage_results: dict = {}
             prefix = f"{stage.name}/" if multi else ""
             results[f"{prefix}train_loss"] = self.fit(s, stage.name, tc, plan, total, start,
                                                       {k: v for k, v in results.items() if k != "method"})
             results[f"{prefix}steps"] = total
+            results["bad_steps"] = self.bad_steps
             for split in ("dev", "test"):
                 if getattr(self.data, split):
                     stage_results[split] = self.evaluate(split)
@@ -355,7 +419,9 @@ class Trainer:
 
 def train(run: RunConfig) -> dict:
     """Run one training job as the config says; returns the final metrics (same on every rank),
-    or ``{"stopped_at_step": N}`` when ``train.stop_after_steps`` ended it early."""
+    ``{"stopped_at_step": N}`` when ``train.stop_after_steps`` ended it early, or
+    ``{"diverged": {...}}`` (also written to ``output_dir/diverged.json``) when the divergence guard
+    stopped it after ``train.max_bad_steps`` consecutive non-finite steps."""
     trainer = Trainer(run)
     try:
         return trainer.run()
@@ -363,3 +429,14 @@ def train(run: RunConfig) -> dict:
         logger.info(str(stop))
         trainer.metrics.close()
         return {"stopped_at_step": stop.step}
+    except Diverged as diverged:
+        record = diverged.record()
+        if trainer.rank == 0:
+            logger.error(str(diverged))
+            trainer.metrics.write({"step": diverged.step, "diverged": True, **{k: v for k, v in record.items()
+                                                                              if k != "step"}})
+            tmp = trainer.output_dir / (DIVERGED_FILE + ".tmp")
+            tmp.write_text(json.dumps({**record, "message": str(diverged)}, indent=2))
+            os.replace(tmp, trainer.output_dir / DIVERGED_FILE)
+        trainer.metrics.close()
+        return {"diverged": record}
