@@ -205,7 +205,7 @@ def run_point(grid: Grid, task: str, key: str, lr: float, seed: int) -> dict:
 # -- choosing the best rate and reporting --------------------------------------------------------------
 def summarize(rows: list[dict]) -> dict:
     """Per (task, setting): mean dev and test over seeds at each rate, and the best rate by mean dev.
-    Diverged and failed points are never chosen. Ties go to the smaller rate."""
+    Diverged and failed points are never chosen. Ties go to the smaller rate and are listed."""
     by_lr: dict[tuple, dict[float, list[dict]]] = {}
     for r in rows:
         by_lr.setdefault((r["task"], r["setting"]), {}).setdefault(float(r["lr"]), []).append(r)
@@ -224,7 +224,9 @@ def summarize(rows: list[dict]) -> dict:
         best = max(candidates, key=lambda lr: (curve[lr]["dev"], -lr)) if candidates else None
         pct = next((r["trainable_pct"] for r in sum(lrs.values(), []) if r["trainable_pct"] is not None), None)
         trained = next((r["trainable"] for r in sum(lrs.values(), []) if r["trainable"] is not None), None)
-        summary[cell] = {"curve": curve, "best_lr": best, "trainable_pct": pct, "trainable": trained}
+        # Rates whose dev score equals the best one's: on a flat curve the "best" rate says nothing.
+        tied = [lr for lr in candidates if best is not None and lr != best and curve[lr]["dev"] == curve[best]["dev"]]
+        summary[cell] = {"curve": curve, "best_lr": best, "tied": tied, "trainable_pct": pct, "trainable": trained}
     return summary
 
 
@@ -251,7 +253,8 @@ def table_markdown(grid: Grid, summary: dict) -> str:
                 continue
             best = c["curve"][c["best_lr"]]
             std = f" ± {100 * best['test_std']:.1f}" if best["n"] > 1 else ""
-            row.append(f"{100 * best['test']:.1f}{std} ({c['best_lr']:g})")
+            ties = f"; dev tied at {', '.join(f'{lr:g}' for lr in c['tied'])}" if c["tied"] else ""
+            row.append(f"{100 * best['test']:.1f}{std} ({c['best_lr']:g}{ties})")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
@@ -277,7 +280,8 @@ def settings_note(grid: Grid) -> str:
     return (f"Model: {Path(grid.model).name}{' / ' + grid.gguf_file if grid.gguf_file else ''}. "
             f"{grid.num_train} train / {grid.num_dev} dev / {grid.num_test} test examples, {steps} of batch "
             f"{grid.micro_batch_size}, AdamW, constant rate, seeds {','.join(map(str, grid.seeds))}. "
-            "Cells: test accuracy (%) at the rate with the best dev accuracy (that rate in brackets).\n")
+            "Cells: test accuracy (%) at the rate with the best dev accuracy (that rate in brackets; rates with "
+            "the same dev accuracy are listed, the smallest is taken).\n")
 
 
 def write_outputs(grid: Grid, rows: list[dict]) -> dict:
@@ -367,6 +371,10 @@ def dequantised_copy(pkg_dir: Path, gguf_file: str) -> Path:
 
     tmp = target.with_name(target.name + ".tmp")
     model = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=gguf_file, dtype=torch.float32)
+    # The weights are plain fp32 by now; transformers keeps a GGUF "quantizer" that refuses to save.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(pkg_dir, gguf_file=gguf_file).save_pretrained(tmp)
     os.replace(tmp, target)

@@ -39,6 +39,15 @@ def test_best_rate_follows_dev_not_test_and_skips_diverged():
     assert summary[("sst2", "lora")]["curve"][1e-2]["dev"] is None
     assert summary[("sst2", "rm0.1")]["best_lr"] == 1e-1
     assert summary[("sst2", "rm0.1")]["curve"][1e-1]["test"] == pytest.approx(0.6)
+    assert summary[("sst2", "lora")]["tied"] == []
+
+
+def test_dev_ties_go_to_the_smaller_rate_and_are_shown():
+    rows = [row("rm0.001", 1e-1, 0.65, 0.51), row("rm0.001", 1e-3, 0.65, 0.49), row("rm0.001", 1e-2, 0.60, 0.9)]
+    grid = R.Grid(out=None, model="m", tasks=["sst2"], settings=["rm0.001"])
+    summary = R.summarize(rows)
+    assert summary[("sst2", "rm0.001")]["best_lr"] == 1e-3
+    assert "49.0 (0.001; dev tied at 0.1)" in R.table_markdown(grid, summary)
 
 
 def test_non_finite_loss_is_detected(tmp_path):
