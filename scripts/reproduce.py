@@ -55,7 +55,7 @@ SETTINGS = {s.key: s for s in [
                                                  "target_modules": QV}, (1e-4, 1e-3, 1e-2, 1e-1)),
     Setting("rm0.001", "Random Masking 0.001%", {"name": "random_mask", "density": 1e-5, "density_of": "model",
                                                    "target_modules": QV}, (1e-4, 1e-3, 1e-2, 1e-1)),
-    Setting("dsee", "DSEE (r=16, |Ω|=16, no pruning)", {"name": "dsee", "target_modules": QV},
+    Setting("dsee", "DSEE (r=16, 16 sparse entries per matrix, no pruning)", {"name": "dsee", "target_modules": QV},
             (1e-5, 1e-4, 1e-3, 1e-2)),
 ]}
 TASK_LABELS = {"sst2": "SST-2", "rte": "RTE", "cb": "CB"}
@@ -314,7 +314,7 @@ def plot(grid: Grid, summary: dict, path: Path) -> None:
             ok = [(lr, p["test"]) for lr, p in c["curve"].items() if p["test"] is not None]
             if ok:
                 line, = ax.plot([x for x, _ in ok], [100 * y for _, y in ok], marker="o", label=SETTINGS[key].label)
-                if c["best_lr"] is not None:
+                if c["best_lr"] is not None and not c["tied"]:  # a flat curve has no best rate to mark
                     ax.plot([c["best_lr"]], [100 * c["curve"][c["best_lr"]]["test"]], marker="*", markersize=14,
                             color=line.get_color())
             # Diverged or failed rates: a cross on the x axis, so they are visible, not dropped.
@@ -324,7 +324,7 @@ def plot(grid: Grid, summary: dict, path: Path) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
         ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"{TASK_LABELS.get(t, t)} (star: best on dev; x: diverged/failed)", fontsize=9)
+        ax.set_title(f"{TASK_LABELS.get(t, t)} (star: best on dev, unless tied; x: diverged/failed)", fontsize=9)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
