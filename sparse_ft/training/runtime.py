@@ -22,7 +22,10 @@ def init_distributed() -> tuple[int, int, int]:
     if not torch.distributed.is_initialized():
         if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if os.environ.get("WORLD_SIZE") == "1":
+            # One process rendezvouses with itself: any free port does. Never trust an inherited
+            # MASTER_PORT here; a parent that ran this function (a sweep, a notebook, pytest) holds it.
+            os.environ["MASTER_PORT"] = str(_free_port())
         deepspeed.init_distributed(verbose=False)
     rank = torch.distributed.get_rank()
     world = torch.distributed.get_world_size()
