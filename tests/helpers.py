@@ -155,3 +155,15 @@ def run_deepspeed(script: Path, args: list[str], nproc: int = 2, timeout: int = 
     if out.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {out.returncode}:\n{(out.stdout + out.stderr)[-6000:]}")
     return out
+
+
+class InfGrad(torch.autograd.Function):
+    """Identity forward (the loss stays finite), infinite gradient backward: a bad step on demand."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, float("inf"))

@@ -6,18 +6,13 @@ the delta is compared by tests/training/test_divergence.py.
     deepspeed --num_gpus 2 tests/dist/guard_check.py --config cfg.yaml --report out-RANK.pt --poison-step 3
 """
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 
-
-class InfGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return torch.full_like(grad, float("inf"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from helpers import InfGrad  # noqa: E402
 
 
 def main():

@@ -13,7 +13,7 @@ from sparse_ft.training import checkpoint as ckpt
 from sparse_ft.training.data import BatchPlan
 from sparse_ft.training.guard import EXIT_DIVERGED
 from sparse_ft.training.trainer import Trainer
-from helpers import base_run_tree, make_model_dir, make_sentiment_data, write_yaml
+from helpers import InfGrad, base_run_tree, make_model_dir, make_sentiment_data, write_yaml
 
 
 @pytest.fixture(scope="module")
@@ -27,18 +27,6 @@ def write(assets, tmp_path, name, zero="zero0", **train):
     tree["task"].update(num_train=96, num_test=16)
     tree["deepspeed"]["config"] = zero
     return write_yaml(tmp_path / f"{name}.yaml", tree)
-
-
-class InfGrad(torch.autograd.Function):
-    """Identity forward (the loss stays finite), infinite gradient backward."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return torch.full_like(grad, float("inf"))
 
 
 def poison(monkeypatch, bad_calls: set[int], kind: str) -> None:
