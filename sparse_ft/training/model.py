@@ -97,7 +97,11 @@ def load_model(mc: ModelConfig, dtype: torch.dtype, ds_config: dict | None = Non
         from transformers.integrations import HfDeepSpeedConfig
 
         _live_hf_ds_configs.append(HfDeepSpeedConfig(ds_config))
-    model = AutoModelForCausalLM.from_pretrained(mc.name_or_path, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(mc.name_or_path, dtype=dtype, **kwargs)
+    else:
+        # A ZeRO-3 run earlier in this process left its config live: do not partition this one.
+        with _zero3_off():
+            model = AutoModelForCausalLM.from_pretrained(mc.name_or_path, dtype=dtype, **kwargs)
     return _set_pad(model)
 
 
