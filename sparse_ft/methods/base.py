@@ -119,8 +119,16 @@ class MethodConfig:
         also change other tensors (DSEE's pruning) override this."""
         name, _, leaf = key.rpartition(".")
         if leaf == "weight" and name in layers:
-            return tensor.float() + self.layer_delta(name, delta, tuple(tensor.shape)).to(tensor.device)
+            # A copy: the reader's tensor may be memory-mapped from the base checkpoint.
+            merged = tensor.to(torch.float32, copy=True)
+            self.add_layer_delta_(name, delta, merged)
+            return merged
         return tensor
+
+    def add_layer_delta_(self, name: str, delta: dict[str, torch.Tensor], weight: torch.Tensor) -> None:
+        """``weight += layer_delta`` in place (fp32). Methods with a cheaper form (a sparse
+        scatter) override this instead of building the dense delta."""
+        weight += self.layer_delta(name, delta, tuple(weight.shape)).to(weight.device)
 
     def after_merge(self, model: nn.Module) -> None:
         """Remove model-level state the method added (shared prototypes, pruning masks...)."""

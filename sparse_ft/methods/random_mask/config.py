@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
 from torch import nn
 
 from ...errors import ConfigError
@@ -77,15 +76,10 @@ class RandomMaskConfig(MethodConfig):
     def layer_delta(self, name, delta, shape):
         return SparseDeltaLinear.dense_delta(delta[f"{name}.indices"], delta[f"{name}.values"], shape)
 
-    def export_tensor(self, key, tensor, delta, layers):
-        # Same result as the default W + dense delta, without building the dense delta: export
-        # time is disk time plus this, for every adapted matrix of the model.
-        name, _, leaf = key.rpartition(".")
-        if leaf == "weight" and name in layers:
-            merged = tensor.to(torch.float32, copy=True)  # never write into the reader's (maybe mapped) tensor
-            merged.view(-1).index_add_(0, delta[f"{name}.indices"].long(), delta[f"{name}.values"].float())
-            return merged
-        return tensor
+    def add_layer_delta_(self, name, delta, weight):
+        # Same result as adding the dense delta, without building it: export time is disk time
+        # plus this, for every adapted matrix of the model.
+        weight.view(-1).index_add_(0, delta[f"{name}.indices"].long(), delta[f"{name}.values"].float())
 
     def describe(self, model: nn.Module) -> str:
         layers = [m for m in model.modules() if isinstance(m, SparseDeltaLinear)]
