@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -98,9 +99,6 @@ class _ShardReader:
 
     def __init__(self, path: Path):
         self.path = path
-
-    def keys(self) -> list[str]:
-        return [key for key, _, _ in self.specs()]
 
     def specs(self) -> list[tuple[str, list[int], torch.dtype]]:
         """(key, shape, dtype) of every tensor, in file order, read from the header only."""
@@ -218,10 +216,7 @@ class _ShardWriter:
 
 
 def _nbytes(shape: list[int], dtype: torch.dtype) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n * torch.empty((), dtype=dtype).element_size()
+    return math.prod(shape) * dtype.itemsize
 
 
 def _layer_keys(layers: set[str], all_keys: list[str], prefix: str | None) -> dict[str, str]:
@@ -386,10 +381,9 @@ def _export_streaming(files, base_dir, config, tensors, layers, meta, out_dir, d
 
         return roundtrip(tensor, quant)
 
-    key_file = {}
-    for reader in readers:
-        for key in reader.keys():
-            key_file[key] = reader
+    # Every shard's header, read once: it maps keys to shards and lays out the output shards.
+    specs = [(reader, reader.specs()) for reader in readers]
+    key_file = {key: reader for reader, entries in specs for key, _, _ in entries}
     mapping = _layer_keys(layers, list(key_file), prefix)
     by_module = {v[:-len(".weight")]: k for k, v in mapping.items()}
 
@@ -406,9 +400,8 @@ def _export_streaming(files, base_dir, config, tensors, layers, meta, out_dir, d
         return as_trained(f"{name}.weight", dict(reader.items())[ckpt_key])
 
     _check_base(meta["base_fingerprint"], read_named)
-    specs = [(key, shape, dtype if dtype_.is_floating_point else dtype_)
-             for reader in readers for key, shape, dtype_ in reader.specs()]
-    writer = _ShardWriter(out_dir, limit, specs)
+    writer = _ShardWriter(out_dir, limit, [(key, shape, dtype if dtype_.is_floating_point else dtype_)
+                                           for _, entries in specs for key, shape, dtype_ in entries])
     for key, tensor in _prefetch(kv for reader in readers for kv in reader.items()):
         model_key = mapping.get(key, key)
         out = config.export_tensor(model_key, as_trained(model_key, tensor), tensors, layers)
