@@ -7,7 +7,21 @@ import torch
 from ..errors import ConfigError
 
 
-class BatchPlan:
+class EpochSteps:
+    """Step arithmetic shared by the data plans: subclasses set ``steps_per_epoch``."""
+
+    steps_per_epoch: int
+
+    def total_steps(self, epochs: float, max_steps: int) -> int:
+        if max_steps > 0:
+            return max_steps
+        return max(1, round(epochs * self.steps_per_epoch))
+
+    def epoch_of(self, step: int) -> float:
+        return step / self.steps_per_epoch
+
+
+class BatchPlan(EpochSteps):
     """Which training examples each rank's micro-batches hold at every optimizer step.
 
     Each epoch is a fresh seeded permutation; a global batch (micro x accum x world examples) is a
@@ -25,14 +39,6 @@ class BatchPlan:
                 f"{self.global_batch} exceeds the {n_examples} training examples; lower them or raise task.num_train")
         self._perm_epoch = -1
         self._perm = None
-
-    def total_steps(self, epochs: float, max_steps: int) -> int:
-        if max_steps > 0:
-            return max_steps
-        return max(1, round(epochs * self.steps_per_epoch))
-
-    def epoch_of(self, step: int) -> float:
-        return step / self.steps_per_epoch
 
     def micro_batches(self, step: int, rank: int) -> list[list[int]]:
         epoch, i = divmod(step, self.steps_per_epoch)

@@ -15,12 +15,13 @@ from ..errors import ConfigError
 from ..tasks import TaskData, get_task, load_task_data
 from ..tasks.data import check_local_files
 from ..tasks.encode import encode_train_example
+from .data import EpochSteps
 from .evaluate import evaluate
 
 logger = logging.getLogger("sparse_ft")
 
 
-class TaskMixPlan:
+class TaskMixPlan(EpochSteps):
     """Which examples each rank's micro-batches hold at every optimizer step; same interface as
     :class:`sparse_ft.training.data.BatchPlan` and, like it, a pure function of (seed, step).
 
@@ -41,14 +42,6 @@ class TaskMixPlan:
                               f"leave no complete multi-task step in tasks of {sizes} training examples; lower them "
                               "or raise task.num_train")
         self._epoch, self._order = -1, None
-
-    def total_steps(self, epochs: float, max_steps: int) -> int:
-        if max_steps > 0:
-            return max_steps
-        return max(1, round(epochs * self.steps_per_epoch))
-
-    def epoch_of(self, step: int) -> float:
-        return step / self.steps_per_epoch
 
     def _groups(self, epoch: int) -> list[list[int]]:
         if epoch != self._epoch:
