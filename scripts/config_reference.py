@@ -1,12 +1,14 @@
 #!/usr/bin/env python
-"""Print the config reference (every section, key, default and docstring) as Markdown.
+"""The config reference (every section, key, default and docstring) as Markdown.
 
-    python scripts/config_reference.py > /tmp/ref.md   # paste into README.md's "Config reference"
+    python scripts/config_reference.py --write    # regenerate docs/configuration.md
+    python scripts/config_reference.py            # print it
 
-tests/test_readme.py checks that README.md documents every key this prints.
+tests/test_docs.py checks that docs/configuration.md equals a fresh generation.
 """
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
 import inspect
@@ -14,7 +16,20 @@ import sys
 import textwrap
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+PAGE = ROOT / "docs" / "configuration.md"
+
+HEADER = """# Configuration reference
+
+A run's YAML config has five sections: `model`, `method`, `task`, `train` and `deepspeed`. Any key can
+be overridden on the command line as `section.key=value` (`train.lr=3e-2`). The `method` section's
+keys depend on `method.name`; each method's table is below. Unknown keys, methods and tasks fail
+before any model loads, with a message naming the field and what is allowed.
+
+This page is generated from the config dataclasses' field docstrings by
+`python scripts/config_reference.py --write`; a test fails when it is out of date.
+"""
 
 
 def field_docs(cls) -> dict[str, str]:
@@ -50,14 +65,31 @@ def sections():
         yield f"`method` (name: {name})", cls
 
 
-def main() -> int:
+def reference() -> str:
+    """The whole configuration page."""
+    lines = [HEADER]
     for title, cls in sections():
         docs = field_docs(cls)
-        print(f"#### {title}\n")
-        print("| key | default | meaning |\n|---|---|---|")
+        lines.append(f"## {title}\n")
+        lines.append("| key | default | meaning |\n|---|---|---|")
         for f in dataclasses.fields(cls):
-            print(f"| `{f.name}` | `{default_of(f)}` | {docs.get(f.name, '').replace('|', '/')} |")
-        print()
+            lines.append(f"| `{f.name}` | `{default_of(f)}` | {docs.get(f.name, '').replace('|', '/')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Generate the config reference page.")
+    parser.add_argument("--write", action="store_true", help=f"write {PAGE.relative_to(ROOT)} instead of printing")
+    args = parser.parse_args(argv)
+    text = reference()
+    if args.write:
+        tmp = PAGE.with_name(PAGE.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(PAGE)
+        print(PAGE)
+    else:
+        sys.stdout.write(text)
     return 0
 
 

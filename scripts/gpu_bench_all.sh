@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements behind the README's performance tables, in one go (about 6 minutes on one
+# The GPU measurements behind docs/performance.md's tables, in one go (about 6 minutes on one
 # H100, more with the methods, rpca and quant parts, which have not been run yet). Writes JSON (and
 # PNG plots) under $OUT (default ./bench_out) and prints every table.
 #   bash scripts/gpu_bench_all.sh            # all

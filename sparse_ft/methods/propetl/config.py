@@ -47,7 +47,7 @@ class ProPETLConfig(MethodConfig):
 
     prototype: str = "lora"
     """``lora`` (LoRA on the targets, mergeable into the base weights) or ``adapter`` (a Pfeiffer
-    adapter after the feed-forward block; not mergeable, see the README)."""
+    adapter after the feed-forward block; not mergeable, see docs/methods/propetl.md)."""
 
     r: int = 32
     """``lora``: rank of the prototype (paper 003: 32)."""
