@@ -9,14 +9,28 @@ Python API::
     sparse_ft.save_delta(model, "delta.safetensors")
     sparse_ft.load_delta(base_model, "delta.safetensors")
     sparse_ft.merge(model)
+
+Layers (imports point down only, not even inside a function; ``lint-imports`` checks the contracts in
+``.importlinter``, and docs/contributing.md explains them), top to bottom:
+
+1. ``cli``, ``launchers``; then ``commands`` (command entry points such as ``sparse-ft rpca``)
+2. ``export``, ``sweep``
+3. ``training/`` and ``config`` (the run's settings; they use each other), then ``tasks/``
+4. ``delta`` (save/load a model's compact delta), then ``api`` (apply, merge)
+5. ``methods/``: the registry, ``methods/base.py``, ``methods/fingerprint.py`` and one folder per method
+6. ``ops/``; then ``zero``, ``quant``, ``rpca``, ``delta_file`` (the delta's file format), ``_version``;
+   then ``errors``
+
+What a method needs from a run (LoReML's per-stage settings, ProPETL's task list) reaches it as an
+argument (``stages(train)``, ``task_names()`` checked by ``config``), never by importing upward.
 """
+from ._version import __version__
 from .api import apply, merge, method_config, trainable_parameters
 from .delta import load_delta, save_delta
 from .errors import ConfigError
 from .methods import (METHODS, DSEEConfig, FullFinetuneConfig, LoRAConfig, LoReMLConfig, MethodConfig,
                       ProPETLConfig, RandomMaskConfig)
 
-__version__ = "0.1.0"
 
 __all__ = [
     "apply", "merge", "trainable_parameters", "method_config", "save_delta", "load_delta",

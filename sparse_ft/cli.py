@@ -11,6 +11,10 @@ import sys
 
 from .errors import ConfigError
 
+# The subcommands import what they need inside their functions, and only for start-up speed: torch,
+# DeepSpeed and transformers take seconds to import, and `sparse-ft --help` or a config error should
+# not wait for them. Nothing here dodges an import cycle (cli is the top layer).
+
 
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -86,9 +90,10 @@ def export_main(argv: list[str] | None = None) -> int:
 
 
 def rpca_main(argv: list[str] | None = None) -> int:
-    from .methods.dsee.omega import cli_main
+    _setup_logging()
+    from .commands.rpca import main as rpca_cli
 
-    return cli_main(argv)
+    return rpca_cli(argv)
 
 
 def sweep_main(argv: list[str] | None = None) -> int:

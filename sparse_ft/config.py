@@ -19,6 +19,11 @@ import yaml
 
 from .errors import ConfigError
 from .methods import MethodConfig, RandomMaskConfig, config_from_dict
+from .quant import OPTIMIZERS, QUANT_DTYPES, QUANTIZATIONS, require_bnb
+from .tasks import TASKS, get_task
+from .tasks.data import check_local_files
+from .training.ds_config import offloaded, resolve_ds_config_path, zero_settings
+from .training.guard import check_max_bad_steps
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SCHEDULES = ("constant", "linear")
@@ -199,6 +204,28 @@ class TrainConfig:
     run: ``diverged.json`` is written, the last checkpoint taken before them is kept, and
     ``sparse-ft train`` exits with code 3. 0: never stop (bad steps are still skipped)."""
 
+    def override(self, values: dict, where: str) -> "TrainConfig":
+        """A copy with ``values`` (train keys, as a method's per-stage settings give them) applied,
+        checked and coerced like the train section; errors name ``where.<key>``. The run-wide keys
+        (:data:`RUN_WIDE`) cannot differ per stage."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where} = {values!r}; allowed: a mapping of train keys, e.g. {{lr: 1e-4, epochs: 5}}")
+        allowed = [f.name for f in dataclasses.fields(self) if f.name not in RUN_WIDE]
+        hints = typing.get_type_hints(type(self))
+        out = {}
+        for key, value in values.items():
+            if key in RUN_WIDE:
+                raise ConfigError(f"{where}.{key}: train.{key} is set for the whole run, not per stage")
+            if key not in allowed:
+                raise ConfigError(f"{where}.{key} is not a train key; allowed: {', '.join(allowed)}")
+            out[key] = _coerce(where, key, value, hints[key])
+        return dataclasses.replace(self, **out)
+
+
+# Train settings that belong to the whole run, not to one stage of a method's pipeline.
+RUN_WIDE = ("output_dir", "checkpoint_dir", "resume_from", "overwrite_output_dir", "save_delta", "precision",
+            "keep_last", "eval_before")
+
 
 @dataclass
 class DeepSpeedSection:
@@ -347,9 +374,6 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Ru
 
 def validate(run: RunConfig) -> None:
     """Checks that need no model: ranges, names, files. Raises ConfigError naming the field."""
-    from .tasks import get_task
-    from .tasks.data import check_local_files
-
     m, t, tr = run.model, run.task, run.train
     if not m.name_or_path:
         raise ConfigError("model.name_or_path is required: a hub id such as facebook/opt-1.3b or a local directory")
@@ -386,22 +410,26 @@ def validate(run: RunConfig) -> None:
         raise ConfigError("train.epochs must be > 0 when train.max_steps is not set")
     if not 0 <= tr.warmup_ratio < 1:
         raise ConfigError(f"train.warmup_ratio = {tr.warmup_ratio}; allowed: [0, 1)")
-    from .training.guard import check_max_bad_steps
-
     check_max_bad_steps(tr.max_bad_steps)
     if tr.max_grad_norm < 0:
         raise ConfigError(f"train.max_grad_norm = {tr.max_grad_norm}; allowed: >= 0 (0 disables)")
-    from .training.ds_config import resolve_ds_config_path
-
     resolve_ds_config_path(run.deepspeed.config)
     validate_quantization(run)
+    check_method(run.method, run.train)
+
+
+def check_method(method: MethodConfig, train: TrainConfig) -> None:
+    """What a method config cannot check itself, because it needs layers above the methods: the task
+    names it trains on (multi-task ProPETL) against the task registry, and its stages' own train
+    settings (LoReML's ``stage1``/``stage2``), by building them from ``train``."""
+    unknown = [t for t in method.task_names() if t not in TASKS]
+    if unknown:
+        raise ConfigError(f"method.tasks: {unknown} are not tasks; allowed: {', '.join(sorted(TASKS))}")
+    method.stages(train)
 
 
 def validate_quantization(run: RunConfig) -> None:
     """The quantized-base and 8-bit-optimizer settings, and the combinations that cannot work."""
-    from .quant import OPTIMIZERS, QUANT_DTYPES, QUANTIZATIONS, require_bnb
-    from .training.ds_config import offloaded
-
     m, tr = run.model, run.train
     if m.quantization not in QUANTIZATIONS:
         raise ConfigError(f"model.quantization = {m.quantization!r}; allowed: {', '.join(QUANTIZATIONS)}")
@@ -436,6 +464,4 @@ def validate_quantization(run: RunConfig) -> None:
 
 
 def _zero_stage(run: RunConfig) -> int:
-    from .training.ds_config import zero_settings
-
     return int(zero_settings(run.deepspeed.config, run.deepspeed.overrides).get("stage", 0))

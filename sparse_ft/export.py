@@ -15,14 +15,20 @@ import json
 import logging
 import math
 import os
+import queue
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import torch
 
-from .delta import FINGERPRINT_RTOL, _sample_positions, read_delta
+from .api import merge
+from .delta import FINGERPRINT_RTOL, _sample_positions, load_delta, read_delta
 from .errors import ConfigError
+from .methods import config_from_dict
+from .quant import roundtrip
+from .training.checkpoint import read_latest
 
 logger = logging.getLogger("sparse_ft")
 
@@ -44,8 +50,6 @@ def parse_size(text: str | int) -> int:
 def find_delta(source: str | os.PathLike) -> Path:
     """The delta file behind ``source``: a delta file, a checkpoint directory, or a run's output
     directory (its final ``delta.safetensors``, else its newest checkpoint)."""
-    from .training.checkpoint import read_latest
-
     source = Path(source)
     if source.is_file():
         return source
@@ -276,8 +280,6 @@ def export_hf(source: str | os.PathLike, out_dir: str | os.PathLike, *, base_mod
     limit = parse_size(max_shard_size)
     delta_path = find_delta(source)
     tensors, meta = read_delta(delta_path)
-    from .methods import config_from_dict
-
     config = config_from_dict(meta["method"])
     base = base_model or meta.get("base_model")
     if not base:
@@ -377,8 +379,6 @@ def _export_streaming(files, base_dir, config, tensors, layers, meta, out_dir, d
         name, _, leaf = model_key.rpartition(".")
         if leaf != "weight" or not quantized or (name not in quantized and f"{prefix}.{name}" not in quantized):
             return tensor
-        from .quant import roundtrip
-
         return roundtrip(tensor, quant)
 
     # Every shard's header, read once: it maps keys to shards and lays out the output shards.
@@ -414,9 +414,6 @@ def _export_streaming(files, base_dir, config, tensors, layers, meta, out_dir, d
 def _prefetch(items, depth: int = 2):
     """Yield from ``items`` while a thread reads up to ``depth`` ahead: the base's reads overlap the
     merge and the output's writes (file I/O and torch ops release the GIL)."""
-    import queue
-    import threading
-
     q: queue.Queue = queue.Queue(maxsize=depth)
     done = object()
     stop = threading.Event()
@@ -454,9 +451,6 @@ def _prefetch(items, depth: int = 2):
 def _export_in_memory(delta_path, base_dir, out_dir, dtype, max_shard_size, meta) -> None:
     """For bases transformers can load but we cannot stream (GGUF): load, merge, save."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .api import merge
-    from .delta import load_delta
 
     extra = json.loads(meta.get("model_kwargs", "{}"))
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, **extra)

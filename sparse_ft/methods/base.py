@@ -11,6 +11,7 @@ built on :class:`DeltaLinear` (``layer.py``). The shared vocabulary, as in PEFT'
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
@@ -19,10 +20,19 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..ops.sparse_delta import _linear
 from ..quant import base_linear, is_quantized_linear
 from ..zero import full_numel, full_shape
 
 logger = logging.getLogger("sparse_ft")
+
+
+def name_seed(seed: int, name: str) -> int:
+    """A 63-bit seed from (seed, module name): stable across processes, restarts and Python runs
+    (Python's own ``hash`` of a string is salted per process). Methods seed their per-module
+    initialisation and sampling with it, so every rank and restart draws the same."""
+    digest = hashlib.sha256(f"{int(seed)}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 @dataclass
@@ -82,8 +92,15 @@ class MethodConfig:
         return {}
 
     def stages(self, train) -> list[Stage]:
-        """The training pipeline; ``train`` is the run's TrainConfig. One stage by default."""
+        """The training pipeline; ``train`` is the run's TrainConfig, passed in by the trainer (methods
+        never import the run's config). A stage with its own settings derives them with
+        ``train.override(values, where)``, which checks and coerces them. One stage by default."""
         return [Stage("train", train)]
+
+    def task_names(self) -> list[str]:
+        """Task registry names this method trains on besides the run's task (multi-task ProPETL);
+        the run's config checks they exist. None by default."""
+        return []
 
     def optimizer_groups(self, model: nn.Module, train) -> list[dict]:
         """AdamW parameter groups; methods with their own rates (ProPETL's scores) override this."""
@@ -184,8 +201,6 @@ class DeltaLinear(nn.Module):
         """``x W^T + b`` with the frozen base weight, plain or quantized, in ``x``'s dtype."""
         if self.quantized_base is not None:
             return base_linear(self.quantized_base, x, self.weight, self.bias, self.training)
-        from ..ops.sparse_delta import _linear
-
         return _linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def delta_weight(self) -> torch.Tensor:

@@ -15,9 +15,11 @@ gathers, the dense product ``m * n * T``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -49,7 +51,11 @@ def triton_available(device: torch.device) -> bool:
     return True
 
 
-def choose(m: int, n: int, tokens: int, k: int, dtype: torch.dtype, device: torch.device) -> str:
+def choose(m: int, n: int, tokens: int, k: int, dtype: torch.dtype, device: torch.device,
+           grad_fn: Callable[..., torch.Tensor] | None = None) -> str:
+    """The backend for the values' gradient of this shape. On a GPU an unseen shape is measured by
+    timing ``grad_fn`` (:func:`sparse_ft.ops.sparse_delta.sampled_weight_grad`, passed by its caller:
+    this module sits below it) with each backend."""
     forced = os.environ.get("SPARSE_FT_SDDMM")
     if forced:
         if forced not in BACKENDS:
@@ -68,7 +74,9 @@ def choose(m: int, n: int, tokens: int, k: int, dtype: torch.dtype, device: torc
         hit = _memory.get(f"{name}|{key}")
     if hit is not None:
         return hit
-    choice = _measure(m, n, _bucket(tokens), k, dtype, device)
+    if grad_fn is None:
+        raise ValueError("crossover.choose: measuring a new shape on a GPU needs grad_fn (sampled_weight_grad)")
+    choice = _measure(m, n, _bucket(tokens), k, dtype, device, grad_fn)
     with _lock:
         _memory[f"{name}|{key}"] = choice
         _save(name)
@@ -117,26 +125,22 @@ def gpu_time_ms(fn, reps: int = 10) -> float:
 
 
 def measure_both(m: int, n: int, tokens: int, k: int, dtype: torch.dtype, device: torch.device,
-                 reps: int = 10) -> dict[str, float]:
-    """Device milliseconds of the dense and both Triton paths on random data of this shape (best of
-    three trials each, so one disturbed trial cannot decide)."""
-    from .sparse_delta import sampled_weight_grad
-
+                 grad_fn: Callable[..., torch.Tensor], reps: int = 10) -> dict[str, float]:
+    """Device milliseconds of the dense and both Triton paths of ``grad_fn`` (``sampled_weight_grad``)
+    on random data of this shape (best of three trials each, so one disturbed trial cannot decide)."""
     gen = torch.Generator(device="cpu").manual_seed(0)
     dy = torch.randn(tokens, m, generator=gen).to(device=device, dtype=dtype)
     x = torch.randn(tokens, n, generator=gen).to(device=device, dtype=dtype)
     idx = torch.randperm(m * n, generator=gen)[:k].sort().values.to(device)
     rows = torch.div(idx, n, rounding_mode="floor")
     rows_cols = (rows.int(), (idx - rows * n).int())
-    return {backend: min(gpu_time_ms(lambda: sampled_weight_grad(dy, x, idx, n, backend=backend,
-                                                                 rows_cols=rows_cols), reps) for _ in range(3))
+    return {backend: min(gpu_time_ms(lambda: grad_fn(dy, x, idx, n, backend=backend, rows_cols=rows_cols), reps)
+                         for _ in range(3))
             for backend in MEASURED}
 
 
-def _measure(m, n, tokens, k, dtype, device) -> str:
-    import logging
-
-    times = measure_both(m, n, tokens, k, dtype, device)
+def _measure(m, n, tokens, k, dtype, device, grad_fn) -> str:
+    times = measure_both(m, n, tokens, k, dtype, device, grad_fn)
     choice = min(times, key=times.get)
     logging.getLogger("sparse_ft").info(
         "values' gradient for %dx%d, %d tokens, k=%d: %s (%s)", m, n, tokens, k, choice,

@@ -57,7 +57,7 @@ def load_rows(task: Task, split: str, data_dir: str | None) -> list[dict] | None
     else:
         if task.hub_path is None:
             raise ConfigError(f"task {task.name!r} has no hub dataset; set task.data_dir to a folder with train.jsonl")
-        import datasets
+        import datasets  # only for hub data; local jsonl runs never pay its import time
 
         rows = list(datasets.load_dataset(task.hub_path, task.hub_name, split=split))
     if rows:

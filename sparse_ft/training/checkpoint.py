@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..delta import save_delta
+
 logger = logging.getLogger("sparse_ft")
 
 PARTIAL = ".partial"
@@ -91,8 +93,6 @@ class CheckpointManager:
     def save(self, engine, stage: int, step: int, trainer_state: dict, base_model: str | None,
              delta_metadata: dict | None = None) -> Path:
         """Collective: every rank must call it."""
-        from ..delta import save_delta
-
         tag = tag_for(stage, step)
         final = self.root / tag
         partial_root = self.root / PARTIAL

@@ -7,6 +7,8 @@ import logging
 import torch
 
 from ..config import ModelConfig
+from ..quant import bnb_config, compute_dtype, is_quantized_linear, require_bnb
+from .runtime import device
 
 logger = logging.getLogger("sparse_ft")
 
@@ -79,9 +81,6 @@ def load_model(mc: ModelConfig, dtype: torch.dtype, ds_config: dict | None = Non
         kwargs["attn_implementation"] = mc.attn_implementation
     zero3 = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage", 0) == 3
     if mc.quantization != "none":
-        from ..quant import bnb_config, compute_dtype, require_bnb
-        from .runtime import device
-
         require_bnb(f"model.quantization = {mc.quantization}")
         kwargs["quantization_config"] = bnb_config(mc.quantization, mc.double_quant,
                                                    compute_dtype(mc.quant_compute_dtype, dtype))
@@ -106,8 +105,6 @@ def load_model(mc: ModelConfig, dtype: torch.dtype, ds_config: dict | None = Non
 
 
 def _log_quantized(model, quantization: str) -> None:
-    from ..quant import is_quantized_linear
-
     layers = [m for m in model.modules() if is_quantized_linear(m)]
     held = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     logger.info("base loaded with model.quantization = %s: %d linear layers quantized, %.2f GiB of weights held",

@@ -17,7 +17,7 @@ def _free_port() -> int:
 def init_distributed() -> tuple[int, int, int]:
     """(rank, world_size, local_rank). Works under deepspeed/torchrun/SLURM launchers, which set the
     usual env variables, and as one plain process, for which it sets them."""
-    import deepspeed
+    import deepspeed  # a dependency, imported where used: it takes seconds to import
 
     if not torch.distributed.is_initialized():
         if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:

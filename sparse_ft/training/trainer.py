@@ -19,7 +19,9 @@ import yaml
 
 from .. import api
 from ..config import RunConfig, TrainConfig
+from ..delta import save_delta
 from ..errors import ConfigError
+from ..methods.base import find_targets
 from ..quant import make_optimizer
 from ..tasks import get_task, load_task_data
 from ..tasks.encode import encode_train_example, pad
@@ -40,8 +42,6 @@ def check_targets(run: RunConfig) -> None:
     wrong name fails before any weight is read."""
     if not run.method.target_modules:
         return
-    from ..methods.base import find_targets
-
     find_targets(meta_model(run.model), run.method.target_modules)
 
 
@@ -170,7 +170,7 @@ class Trainer:
         self.model.config.use_cache = False
 
     def build_engine(self, tc: TrainConfig, total_steps: int) -> None:
-        import deepspeed
+        import deepspeed  # a dependency, imported where used: it takes seconds to import
 
         self.ds_config = self.run_config.method.deepspeed_config(self._ds_config(tc), self.model)
         groups = self.run_config.method.optimizer_groups(self.model, tc)
@@ -405,8 +405,6 @@ class Trainer:
                 self.destroy_engine()
 
         if run.train.save_delta:
-            from ..delta import save_delta
-
             save_delta(self.engine.module, self.output_dir / "delta.safetensors", base_model=run.model.name_or_path,
                        engine=self.engine, extra_metadata=self.delta_metadata())
         if self.rank == 0:
