@@ -79,7 +79,7 @@ def load_model(mc: ModelConfig, dtype: torch.dtype, ds_config: dict | None = Non
         kwargs["attn_implementation"] = mc.attn_implementation
     zero3 = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage", 0) == 3
     if mc.quantization != "none":
-        from ..quant import bnb_config, compute_dtype, require_bnb
+        from ..quant import bnb_config, compute_dtype, keep_standard_4bit_layout, require_bnb
         from .runtime import device
 
         require_bnb(f"model.quantization = {mc.quantization}")
@@ -91,6 +91,7 @@ def load_model(mc: ModelConfig, dtype: torch.dtype, ds_config: dict | None = Non
                         "quantized model whole, the engine partitions it", mc.quantization)
         with _zero3_off():
             model = AutoModelForCausalLM.from_pretrained(mc.name_or_path, dtype=dtype, **kwargs)
+        keep_standard_4bit_layout(model)  # evaluation before the method is applied must not repack (quant.py)
         _log_quantized(model, mc.quantization)
         return _set_pad(model)
     if zero3:
