@@ -15,3 +15,21 @@ def _private_cache(tmp_path_factory):
     patch.setenv("SPARSE_FT_CACHE", str(tmp_path_factory.mktemp("sparse_ft_cache")))
     yield
     patch.undo()
+
+
+@pytest.fixture(params=["standard", "avx512bf16"])
+def bnb_cpu_path(request, monkeypatch):
+    """Which of bitsandbytes' two CPU paths a ``Linear4bit`` built during the test takes on its own,
+    whatever this CPU is: ``standard`` (dequantize, one matmul in the compute dtype: every CPU, and
+    training) or ``avx512bf16`` (eval-mode forwards repack the weight in place for a native bf16
+    kernel: CPUs with AVX512-BF16/AMX). bitsandbytes reads its CPU detection when a layer is built
+    (``Linear4bit.support_avx512bf16_for_cpu``), so patching the detection forces either path; the
+    tests then check that sparse-ft computes the same on both (``sparse_ft.quant.keep_standard_4bit_layout``)."""
+    modules = pytest.importorskip("bitsandbytes.nn.modules")
+    if not hasattr(modules, "has_avx512bf16"):
+        if request.param != "standard":
+            pytest.skip("this bitsandbytes has a single CPU path for 4-bit layers")
+        return request.param
+    forced = request.param == "avx512bf16"
+    monkeypatch.setattr(modules, "has_avx512bf16", lambda: forced)
+    return request.param

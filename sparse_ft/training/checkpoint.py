@@ -6,7 +6,8 @@ Layout of ``checkpoint_dir``::
                           parameters, optimizer and scheduler shards; never the frozen base),
                           rng_rank<r>.pt per rank, trainer_state.json, delta.safetensors
     latest                the name of the newest complete checkpoint (replaced atomically)
-    .partial/step-000044/ a checkpoint being written
+    zero_to_fp32.py       DeepSpeed's recovery scripts (ZeRO 1-3), moved here out of .partial/
+    .partial/step-000044/ a checkpoint being written (removed once committed)
 
 A checkpoint is written under ``.partial/`` and renamed into place only after every rank has
 finished, then ``latest`` is replaced; a process killed midway leaves the previous checkpoint and
@@ -15,6 +16,7 @@ node (``"checkpoint": {"use_node_local_storage": true}`` in the DeepSpeed JSON).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -82,6 +84,35 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+@contextlib.contextmanager
+def trained_module_state_only(engine):
+    """While saving, DeepSpeed's module state holds the trained parameters and buffers only.
+
+    ``exclude_frozen_parameters`` drops frozen parameters by the names ``named_parameters()`` gives,
+    which lists a shared tensor once: a tied output head (``lm_head.weight``, the embeddings under
+    another name) stays, a full frozen copy in every checkpoint (114 MB for SmolLM2-135M). Entries a
+    module writes beside its parameters stay too (bitsandbytes' ``weight.absmax``/``SCB`` quantization
+    state of the frozen base). So everything that is not a trained parameter, under any of its names,
+    or a buffer is dropped; the base comes from ``model.name_or_path`` on resume, as before."""
+    module = engine.module
+    keep = {n for n, p in module.named_parameters(remove_duplicate=False) if p.requires_grad}
+    keep |= {n for n, _ in module.named_buffers(remove_duplicate=False)}
+    original = engine.module_state_dict
+
+    def module_state_dict(*args, **kwargs):
+        state = original(*args, **kwargs)
+        if state is not None and kwargs.get("exclude_frozen_parameters"):
+            for key in [k for k in state if k not in keep]:
+                del state[key]
+        return state
+
+    engine.module_state_dict = module_state_dict  # the engine calls self.module_state_dict(...)
+    try:
+        yield
+    finally:
+        del engine.module_state_dict
+
+
 class CheckpointManager:
     def __init__(self, root: Path, keep_last: int, rank: int, local_rank: int, node_local: bool):
         self.root = Path(root)
@@ -102,8 +133,9 @@ class CheckpointManager:
             shutil.rmtree(partial_root / tag, ignore_errors=True)
             partial_root.mkdir(parents=True, exist_ok=True)
         torch.distributed.barrier()
-        engine.save_checkpoint(str(partial_root), tag=tag, client_state={"stage": stage, "step": step},
-                               save_latest=False, exclude_frozen_parameters=True)
+        with trained_module_state_only(engine):
+            engine.save_checkpoint(str(partial_root), tag=tag, client_state={"stage": stage, "step": step},
+                                   save_latest=False, exclude_frozen_parameters=True)
         torch.save(rng_state(), partial_root / tag / f"rng_rank{self.rank}.pt")
         save_delta(engine.module, partial_root / tag / "delta.safetensors", base_model=base_model, engine=engine,
                    write=self.is_writer, extra_metadata=delta_metadata)
@@ -121,6 +153,16 @@ class CheckpointManager:
         os.replace(self.root / PARTIAL / tag, self.root / tag)
         _write_atomic(self.root / LATEST, tag)
         self._prune(keep=tag)
+        self._tidy_partial()
+
+    def _tidy_partial(self) -> None:
+        """DeepSpeed copies its recovery scripts (``zero_to_fp32.py``) into the directory it saves to,
+        ``.partial/``: move them beside the checkpoints they read, then remove ``.partial/`` if empty."""
+        partial = self.root / PARTIAL
+        for script in partial.glob("*.py"):
+            os.replace(script, self.root / script.name)
+        with contextlib.suppress(OSError):
+            partial.rmdir()  # not empty: something else is being written there; leave it
 
     def _prune(self, keep: str) -> None:
         tags = [t for t in list_checkpoints(self.root) if t != keep]

@@ -90,6 +90,7 @@ def load_model(mc: ModelConfig, dtype: torch.dtype, ds_config: dict | None = Non
                         "quantized model whole, the engine partitions it", mc.quantization)
         with _zero3_off():
             model = AutoModelForCausalLM.from_pretrained(mc.name_or_path, dtype=dtype, **kwargs)
+        keep_standard_4bit_layout(model)  # evaluation before the method is applied must not repack (quant.py)
         _log_quantized(model, mc.quantization)
         return _set_pad(model)
     if zero3:
