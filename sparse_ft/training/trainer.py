@@ -118,8 +118,11 @@ class Trainer:
         torch.distributed.barrier()
         check_targets(run)
         self.precision = runtime.resolve_precision(run.train.precision)
-        if self.precision == "bf16" and not torch.cuda.is_available():
-            logger.warning("train.precision=bf16 on CPU: bf16 matmuls are far slower than fp32 on most CPUs")
+        if run.train.precision == "auto":
+            logger.info("train.precision = auto: %s on %s", self.precision, "GPU" if torch.cuda.is_available() else "CPU")
+        elif self.precision == "bf16" and not torch.cuda.is_available():
+            logger.warning("train.precision=bf16 on CPU: bf16 matmuls are far slower than fp32 on CPUs without bf16 "
+                           "instructions (AMX, avx512_bf16); train.precision=auto measures which is faster here")
         self.device = runtime.device()
         self.output_dir = Path(run.train.output_dir)
         torch.manual_seed(run.train.seed)
@@ -358,6 +361,7 @@ class Trainer:
         self.load()
         results: dict = dict(resume_state["stage_results"]) if resume_state else {}
         results["method"] = run.method.describe(self.model)
+        results["precision"] = self.precision
         resume_stage = resume_state["stage"] if resume_state else -1
 
         multi = len(self._stages) > 1
