@@ -10,13 +10,39 @@ Python API::
     sparse_ft.load_delta(base_model, "delta.safetensors")
     sparse_ft.merge(model)
 """
-from .api import apply, merge, method_config, trainable_parameters
-from .delta import load_delta, save_delta
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from .errors import ConfigError
-from .methods import (METHODS, DSEEConfig, FullFinetuneConfig, LoRAConfig, LoReMLConfig, MethodConfig,
-                      ProPETLConfig, RandomMaskConfig)
+
+if TYPE_CHECKING:
+    from .api import apply, merge, method_config, trainable_parameters
+    from .delta import load_delta, save_delta
+    from .methods import (METHODS, DSEEConfig, FullFinetuneConfig, LoRAConfig, LoReMLConfig, MethodConfig,
+                          ProPETLConfig, RandomMaskConfig)
 
 __version__ = "0.1.0"
+
+# The public names load on first use (PEP 562): they import torch, and the `sparse-ft` command line
+# must answer `--help` without it.
+_LAZY = {**dict.fromkeys(("apply", "merge", "method_config", "trainable_parameters"), ".api"),
+         **dict.fromkeys(("load_delta", "save_delta"), ".delta"),
+         **dict.fromkeys(("METHODS", "MethodConfig", "RandomMaskConfig", "LoRAConfig", "FullFinetuneConfig",
+                          "DSEEConfig", "ProPETLConfig", "LoReMLConfig"), ".methods")}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
     "apply", "merge", "trainable_parameters", "method_config", "save_delta", "load_delta",
