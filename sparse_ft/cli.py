@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from .errors import ConfigError
@@ -22,13 +23,75 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+class _DefaultsFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each optional argument's help ends with its default (required ones and off-switches have none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.option_strings and not action.required and "%(default)" not in text
+                and action.default not in (None, False, argparse.SUPPRESS)):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _fill(text: str, width: int = 100, indent: str = "") -> str:
+    import textwrap
+
+    return textwrap.fill(text, width=width, initial_indent=indent, subsequent_indent=indent)
+
+
+def config_keys_help(width: int = 100) -> str:
+    """Every config section and key with its default and docstring, from the dataclasses' source
+    (:mod:`.config_docs`; nothing imports torch)."""
+    import textwrap
+
+    from .config_docs import sections
+
+    lines = ["config keys (YAML section -> key = default: meaning; override any as section.key=value):"]
+    for section in sections():
+        head = f"{section.section}:" if section.method is None else f"method (name: {section.method}):"
+        lines.append("")
+        lines.append(head)
+        for key in section.keys:
+            lines.append(f"  {section.section}.{key.name} = {key.default}")
+            doc = key.doc.replace("``", "`")
+            lines.extend(textwrap.wrap(doc, width=width, initial_indent="      ", subsequent_indent="      "))
+    return "\n".join(lines)
+
+
+def _peek_model(config: str, overrides: list[str]) -> str:
+    """The model a config names (for the first log line, before the heavy imports); '' if unknown."""
+    try:
+        import yaml
+
+        with open(config) as f:
+            tree = yaml.safe_load(f) or {}
+        model = dict(tree.get("model") or {})
+    except Exception:  # the real load reports a bad file properly
+        model = {}
+    for pair in overrides:
+        key, _, value = pair.partition("=")
+        if key.strip() in ("model.name_or_path", "model.gguf_file"):
+            model[key.strip().split(".")[1]] = value
+    name = str(model.get("name_or_path") or "")
+    return f"{name}/{model['gguf_file']}" if name and model.get("gguf_file") else name
+
+
 def train_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sparse-ft train", description="Fine-tune a causal LM with a sparse method.")
+    parser = argparse.ArgumentParser(
+        prog="sparse-ft train", formatter_class=_DefaultsFormatter,
+        description=_fill("Fine-tune a causal LM with a sparse method, as a YAML config says. Runs as one "
+                          "process, or under a launcher (deepspeed, torchrun, srun) with the same arguments."),
+        epilog=config_keys_help())
     parser.add_argument("--config", required=True, help="YAML config (sections: model, method, task, train, deepspeed)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-2")
     args = parser.parse_args(argv)
     _setup_logging()
+    if os.environ.get("RANK", "0") == "0":
+        # Before torch, transformers and DeepSpeed are imported (several seconds), so a run shows life at once.
+        logging.getLogger("sparse_ft").info("sparse-ft train: config %s, model %s: importing torch, transformers and "
+                                            "DeepSpeed", args.config, _peek_model(args.config, args.overrides) or "?")
     from .config import load_config
 
     run = load_config(args.config, args.overrides)
@@ -42,13 +105,14 @@ def train_main(argv: list[str] | None = None) -> int:
 
 def export_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="sparse-ft export",
-        description="Merge a trained delta into its base model and write a Hugging Face model directory "
-                    "(--format hf), or copy out the compact delta (--format delta).")
+        prog="sparse-ft export", formatter_class=_DefaultsFormatter,
+        description=_fill("Merge a trained delta into its base model and write a Hugging Face model directory "
+                          "(--format hf), or copy out the compact delta (--format delta)."))
     parser.add_argument("--checkpoint", required=True,
                         help="a run's output dir, a checkpoint dir, or a delta.safetensors file")
     parser.add_argument("--out", required=True, help="output directory (hf) or file/directory (delta)")
-    parser.add_argument("--format", choices=["hf", "delta"], default="hf")
+    parser.add_argument("--format", choices=["hf", "delta"], default="hf",
+                        help="hf: a merged Hugging Face model directory; delta: the compact delta file")
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="hf: weight dtype")
     parser.add_argument("--max-shard-size", default="5GB", help="hf: largest output shard, e.g. 5GB")
     parser.add_argument("--base-model", default=None, help="base model dir or hub id (default: the one recorded in the delta)")
@@ -105,11 +169,31 @@ def sweep_main(argv: list[str] | None = None) -> int:
 
 COMMANDS = {"train": train_main, "export": export_main, "rpca": rpca_main, "sweep": sweep_main}
 
+SUMMARIES = {
+    "train": "Fine-tune a model as a YAML config says (sections model, method, task, train, deepspeed); "
+             "key=value pairs override it.",
+    "export": "Merge a run's trained delta into its base model and write a Hugging Face model directory, "
+              "or copy out the compact delta.",
+    "rpca": "Precompute DSEE's sparse positions (Omega, by RPCA of the pretrained weights) before training.",
+    "sweep": "Train a grid of learning rates (x densities, methods, seeds) and pick the best on the dev split.",
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    pad = " " * (width + 4)
+    rows = "\n".join(f"  {name:<{width}}  " + _fill(SUMMARIES.get(name, ""), indent=pad)[len(pad):] for name in COMMANDS)
+    return (f"usage: sparse-ft {{{','.join(COMMANDS)}}} [options]\n\n"
+            "Sparse parameter-efficient fine-tuning of causal LMs, scaled with DeepSpeed.\n\n"
+            f"commands:\n{rows}\n\n"
+            + _fill("`sparse-ft COMMAND --help` shows a command's options; `sparse-ft train --help` also lists "
+                    "every config key with its default."))
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: sparse-ft {%s} ..." % ",".join(COMMANDS))
+        print(usage(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:

@@ -152,8 +152,9 @@ class TrainConfig:
     """Gradient clipping by global norm; 0 disables."""
 
     precision: str = "auto"
-    """``bf16``, ``fp16``, ``fp32``, or ``auto``: bf16 on GPUs that support it, fp32 on CPU (bf16
-    matmuls are far slower than fp32 on CPUs)."""
+    """``bf16``, ``fp16``, ``fp32``, or ``auto``: bf16 on GPUs that support it; on CPU bf16 where
+    this CPU's bf16 matmuls are clearly faster than fp32 (AMX, avx512_bf16), else fp32 (measured
+    once per machine, cached in ``$SPARSE_FT_CACHE``). Set fp32 where exact arithmetic matters."""
 
     eval_every: int = 0
     """Evaluate on the dev split every N optimizer steps; 0: only at the end."""

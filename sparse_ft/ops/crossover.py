@@ -23,6 +23,8 @@ from typing import Callable
 
 import torch
 
+from .cache import read_table, table_file, write_table
+
 _memory: dict[str, str] = {}
 _lock = threading.Lock()
 _loaded_devices: set[str] = set()
@@ -36,9 +38,7 @@ def _bucket(tokens: int) -> int:
 
 
 def cache_file(device_name: str) -> Path:
-    root = Path(os.environ.get("SPARSE_FT_CACHE", Path.home() / ".cache" / "sparse_ft"))
-    safe = "".join(ch if ch.isalnum() else "_" for ch in device_name)
-    return root / f"sddmm_crossover_{safe}.json"
+    return table_file("sddmm_crossover", device_name)
 
 
 def triton_available(device: torch.device) -> bool:
@@ -85,27 +85,15 @@ def choose(m: int, n: int, tokens: int, k: int, dtype: torch.dtype, device: torc
 
 def _load(name: str) -> None:
     _loaded_devices.add(name)
-    path = cache_file(name)
-    try:
-        entries = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return
-    for key, value in entries.items():
+    for key, value in read_table(cache_file(name)).items():
         if value in BACKENDS:
             _memory[f"{name}|{key}"] = value
 
 
 def _save(name: str) -> None:
-    path = cache_file(name)
     prefix = f"{name}|"
     entries = {k[len(prefix):]: v for k, v in _memory.items() if k.startswith(prefix)}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only home only costs a re-measurement next run
+    write_table(cache_file(name), entries)  # a read-only home only costs a re-measurement next run
 
 
 def gpu_time_ms(fn, reps: int = 10) -> float:

@@ -118,12 +118,16 @@ class Trainer:
         torch.distributed.barrier()
         check_targets(run)
         self.precision = runtime.resolve_precision(run.train.precision)
-        if self.precision == "bf16" and not torch.cuda.is_available():
-            logger.warning("train.precision=bf16 on CPU: bf16 matmuls are far slower than fp32 on most CPUs")
+        if run.train.precision == "auto":
+            logger.info("train.precision = auto: %s on %s", self.precision, "GPU" if torch.cuda.is_available() else "CPU")
+        elif self.precision == "bf16" and not torch.cuda.is_available():
+            logger.warning("train.precision=bf16 on CPU: bf16 matmuls are far slower than fp32 on CPUs without bf16 "
+                           "instructions (AMX, avx512_bf16); train.precision=auto measures which is faster here")
         self.device = runtime.device()
         self.output_dir = Path(run.train.output_dir)
         torch.manual_seed(run.train.seed)
 
+        logger.info("loading task %s and the tokenizer of %s", run.task.name, run.model.name_or_path)
         self.task = get_task(run.task.name, prompt_field=run.task.prompt_field, response_field=run.task.response_field)
         self.data = load_task_data(self.task, run.task.data_dir, run.task.num_train, run.task.num_dev,
                                    run.task.num_test, run.task.seed)
@@ -173,6 +177,8 @@ class Trainer:
         import deepspeed  # a dependency, imported where used: it takes seconds to import
 
         self.ds_config = self.run_config.method.deepspeed_config(self._ds_config(tc), self.model)
+        logger.info("building the DeepSpeed engine (ZeRO stage %d, %d process%s)", zero_stage(self.ds_config),
+                    self.world, "" if self.world == 1 else "es")
         groups = self.run_config.method.optimizer_groups(self.model, tc)
         if not any(g["params"] for g in groups):
             raise ConfigError("the method left no trainable parameter")
@@ -280,6 +286,8 @@ class Trainer:
                 logger.warning("step %d: %s, optimizer step skipped (%d in a row, %d in all; lr %g)", step, reason,
                                self.consecutive_bad_steps, self.bad_steps, step_lr)
             elapsed = time.perf_counter() - t0
+            if step == start_step + 1:
+                logger.info("%s: first optimizer step done in %.1f s", stage_name, elapsed)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{last_loss:.4f}")
@@ -358,6 +366,7 @@ class Trainer:
         self.load()
         results: dict = dict(resume_state["stage_results"]) if resume_state else {}
         results["method"] = run.method.describe(self.model)
+        results["precision"] = self.precision
         resume_stage = resume_state["stage"] if resume_state else -1
 
         multi = len(self._stages) > 1
