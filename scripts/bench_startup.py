@@ -4,7 +4,7 @@ to the first optimizer step, for the demo model (configs/demo_smollm2_sst2.yaml)
 (first run: GGUF conversion and the CPU precision probe happen) and a warm one (second run), plus
 the time of `sparse-ft --help`.
 
-    flock /tmp/heavy.lock python scripts/bench_startup.py           # table + scripts/results/cpu_startup.json
+    flock /tmp/heavy.lock python scripts/bench_startup.py           # table + docs/results/cpu_startup.json
 
 Each run is the real command line in a fresh process (`python -m sparse_ft.cli train ...` with
 `train.max_steps=1`), timed by when its log lines arrive; it is stopped after the first step.
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     parser.add_argument("--config", default="configs/demo_smollm2_sst2.yaml")
     parser.add_argument("--runs", type=int, default=2, help="runs on the same cache; the first starts it empty")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds one run may take to its first step")
-    parser.add_argument("--out", default=str(ROOT / "scripts" / "results" / "cpu_startup.json"))
+    parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "cpu_startup.json"))
     args = parser.parse_args(argv)
 
     subprocess.run([sys.executable, str(ROOT / "scripts" / "demo.py"), "--prepare"], cwd=ROOT, check=True,
