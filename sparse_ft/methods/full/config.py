@@ -30,6 +30,9 @@ class FullFinetuneConfig(MethodConfig):
                 return delta[name].float()
         return tensor
 
+    def export_touches(self, key, delta, layers):
+        return key in delta or f"model.{key}" in delta
+
     def check_quantized(self, quantization: str) -> None:
         from ...errors import ConfigError
 
