@@ -3,8 +3,9 @@
 Streaming: the base checkpoint is read one tensor at a time, shard by shard, and each merged tensor
 is written straight into its output shard (of at most ``max_shard_size``, laid out in advance from
 the base's headers); peak memory is about the largest tensor plus the delta, whatever the model's
-size. Nothing is built on a GPU and no
-DeepSpeed is needed: a ZeRO-3 run's checkpoint already holds the gathered compact delta.
+size. Tensors the delta does not change and whose dtype stays are not read at all: their bytes
+are copied file to file by the kernel (``copy_file_range``), whole runs at a time. Nothing is built
+on a GPU and no DeepSpeed is needed: a ZeRO-3 run's checkpoint already holds the gathered compact delta.
 
 Bases stored as GGUF (or without safetensors/bin weights) are exported in memory instead: loaded by
 transformers, merged with :func:`sparse_ft.merge`, written with ``save_pretrained``.
