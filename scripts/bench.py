@@ -74,7 +74,10 @@ def build_model(shape: str, zero: int, ds_config: dict | None, device: str = "cu
     config._attn_implementation = "sdpa"
     if zero == 3:
         import deepspeed
+        from transformers import LlamaForCausalLM  # noqa: F401
 
+        # The model's module imported first: importing it (and torch._dynamo through it) inside
+        # zero.Init, which patches tensor construction, fails on recent torch.
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
     else:
@@ -178,6 +181,11 @@ def time_row(model, row, args, ds_config):
     engine = None
     cuda = args.device == "cuda"
     fused = {"fused": True} if cuda else {}
+    if args.zero == 3 and not params:
+        # DeepSpeed's engine without an optimizer refuses backward, and torch's own is refused too.
+        print(f"  {label}: skipped under ZeRO-3 (nothing trains; compare with the stage-0 floor)", flush=True)
+        undo()
+        return None
     if args.zero == 3:
         import deepspeed
 
@@ -252,8 +260,10 @@ def main() -> int:
     model = build_model(args.shape, args.zero, ds_config, args.device)
     results = []
     for row in args.rows.split(","):
-        results.append(time_row(model, row, args, ds_config))
-        r = results[-1]
+        r = time_row(model, row, args, ds_config)
+        if r is None:
+            continue
+        results.append(r)
         print(f"  {r['label']:<34} {r['step_ms']:8.1f} ms  {r['peak_gib']:6.2f} GiB", flush=True)
     floor = next((r for r in results if r["row"] == "floor"), None)
     lora = next((r for r in results if r["row"] == "lora"), None)

@@ -75,7 +75,7 @@ fi
 
 has 7b && run 7b 200 python scripts/bench.py "${B7[@]}" --out "$out/bench_7b.json" \
   --rows floor,lora,rm:1e-2,rm:1e-3,dsee,propetl:lora,propetl:adapter,loreml1,loreml2:5e-3
-has z3 && run z3 120 python scripts/bench.py "${B7[@]}" "${Z[@]}" --zero 3 --rows floor,rm:1e-3 --out "$out/bench_7b_z3.json"
+has z3 && run z3 120 python scripts/bench.py "${B7[@]}" "${Z[@]}" --zero 3 --rows rm:1e-3 --out "$out/bench_7b_z3.json"
 has quant && run quant 120 python scripts/bench_quantized.py "${Q[@]}" --out "$out/quantized_13b.json"
 has 13b && run 13b 90 python scripts/bench.py "${B13[@]}" --rows floor,rm:1e-2,rm:1e-3 --out "$out/bench_13b.json"
 has rpca && run rpca 90 python scripts/bench_rpca.py matrices "${R[@]}" --out "$out/rpca_7b.json"

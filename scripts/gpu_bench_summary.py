@@ -62,8 +62,11 @@ def summarize(folder: Path) -> dict:
     extra = rm13["peak_gib"] - floor13["peak_gib"] if floor13 and rm13 else None
     add("13B RM 1%: peak over the floor", extra, "GiB", 1.0, None if extra is None else extra <= 1.0, "bench_13b.json")
     if rpca:
-        add("DSEE Omega, 64 q/v 4096x4096 (7B)", rpca["total_s"], "s", 60.0, rpca["total_s"] < 60.0, "rpca_7b.json",
-            f"{rpca['count']} matrices on {rpca['device']}; projected to 64: {rpca['projected_64_s']:.1f} s")
+        # All 64 timed where the part ran in full; else the projection from the matrices it timed.
+        value = rpca["total_s"] if rpca["count"] == 64 else rpca["projected_64_s"]
+        add("DSEE Omega, 64 q/v 4096x4096 (7B)", value, "s", 60.0, value < 60.0, "rpca_7b.json",
+            f"{rpca['count']} matrices of {rpca['shape'][0]}x{rpca['shape'][1]} on {rpca['device']}"
+            + ("" if rpca["count"] == 64 else ", projected to 64"))
     else:
         dsee = bench_row(b7, "dsee")
         value = dsee.get("setup_s") if dsee else None
