@@ -142,6 +142,15 @@ class MethodConfig:
             return merged
         return tensor
 
+    def export_touches(self, key: str, delta: dict[str, torch.Tensor], layers: set[str]) -> bool:
+        """Whether :meth:`export_tensor` may change base tensor ``key``; export copies the others
+        as the base's bytes without reading them. A method that overrides ``export_tensor`` must
+        override this too: until it does, every tensor counts as touched (correct, only slower)."""
+        if type(self).export_tensor is not MethodConfig.export_tensor:
+            return True
+        name, _, leaf = key.rpartition(".")
+        return leaf == "weight" and name in layers
+
     def add_layer_delta_(self, name: str, delta: dict[str, torch.Tensor], weight: torch.Tensor) -> None:
         """``weight += layer_delta`` in place (fp32). Methods with a cheaper form (a sparse
         scatter) override this instead of building the dense delta."""

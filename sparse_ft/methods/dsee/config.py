@@ -275,6 +275,15 @@ class DSEEConfig(MethodConfig):
         return compose_delta(A, delta[f"{name}.lora_B"], delta[f"{name}.indices"], delta[f"{name}.values"],
                              self.alpha / A.shape[0], shape, keep_rows, keep_cols, entry.get("keep_bits"))
 
+    def export_touches(self, key, delta, layers):
+        # The cases in which export_tensor below returns something other than its input.
+        name, _, leaf = key.rpartition(".")
+        entries = P.state_modules(delta)
+        entry = entries.get(name) or entries.get(f"model.{name}")
+        if leaf == "weight":
+            return f"{name}.lora_A" in delta or bool(entry)
+        return leaf == "bias" and bool(entry) and "rows" in entry
+
     def export_tensor(self, key, tensor, delta, layers):
         name, _, leaf = key.rpartition(".")
         entries = P.state_modules(delta)

@@ -31,6 +31,9 @@ class FullFinetuneConfig(MethodConfig):
                 return delta[name].float()
         return tensor
 
+    def export_touches(self, key, delta, layers):
+        return key in delta or f"model.{key}" in delta
+
     def check_quantized(self, quantization: str) -> None:
         raise ConfigError(f"method.name = full with model.quantization = {quantization}: full fine-tuning updates the "
                           "base weights, which a quantized base stores as frozen packed integers; use "
