@@ -44,13 +44,37 @@ def export_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True,
                         help="a run's output dir, a checkpoint dir, or a delta.safetensors file")
     parser.add_argument("--out", required=True, help="output directory (hf) or file/directory (delta)")
-    parser.add_argument("--format", choices=["hf", "delta"], default="hf")
+    parser.add_argument("--format", choices=["hf", "delta", "peft"], default="hf",
+                        help="hf: merged Hugging Face model; delta: the compact delta; peft: a PEFT adapter "
+                             "(PeftModel.from_pretrained)")
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="hf: weight dtype")
     parser.add_argument("--max-shard-size", default="5GB", help="hf: largest output shard, e.g. 5GB")
     parser.add_argument("--base-model", default=None, help="base model dir or hub id (default: the one recorded in the delta)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--push-to-hub", metavar="REPO", default=None,
+                        help="hf/peft: upload the export (with its model card) to this Hugging Face Hub repository")
+    parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
     args = parser.parse_args(argv)
     _setup_logging()
+    if args.push_to_hub and args.format == "delta":
+        raise ConfigError("--push-to-hub needs --format hf or peft (a model card and loadable files)")
+    if args.private and not args.push_to_hub:
+        raise ConfigError("--private only applies with --push-to-hub REPO")
+    if args.push_to_hub:
+        from .model_card import check_hub
+
+        check_hub(args.push_to_hub)  # before anything is written
+    import shlex
+
+    command = "sparse-ft export " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    if args.format == "peft":
+        from .export_peft import export_peft
+
+        out = export_peft(args.checkpoint, args.out, base_model=args.base_model, overwrite=args.overwrite,
+                          command=command)
+        _maybe_push(out, args)
+        print(out)
+        return 0
     if args.format == "delta":
         import shutil
         from pathlib import Path
@@ -74,7 +98,8 @@ def export_main(argv: list[str] | None = None) -> int:
     from .export import export_hf
 
     out = export_hf(args.checkpoint, args.out, base_model=args.base_model, dtype=args.dtype,
-                    max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+                    max_shard_size=args.max_shard_size, overwrite=args.overwrite, command=command)
+    _maybe_push(out, args)
     import json
 
     dequantized = json.loads((out / "sparse_ft_export.json").read_text()).get("dequantized")
@@ -83,6 +108,13 @@ def export_main(argv: list[str] | None = None) -> int:
               f"layers to {args.dtype}, then merged the delta")
     print(out)
     return 0
+
+
+def _maybe_push(out, args) -> None:
+    if args.push_to_hub:
+        from .model_card import push_to_hub
+
+        print(f"uploaded to {push_to_hub(out, args.push_to_hub, private=args.private)}")
 
 
 def rpca_main(argv: list[str] | None = None) -> int:
