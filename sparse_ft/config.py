@@ -199,6 +199,20 @@ class TrainConfig:
     run: ``diverged.json`` is written, the last checkpoint taken before them is kept, and
     ``sparse-ft train`` exits with code 3. 0: never stop (bad steps are still skipped)."""
 
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers that get every metrics.jsonl row (rank 0): any of ``tensorboard``
+    (``<output_dir>/tensorboard``), ``wandb`` (``<output_dir>/wandb``; ``WANDB_MODE=offline`` needs no
+    network) and ``csv`` (``<output_dir>/metrics.csv``). Empty: metrics.jsonl only."""
+
+    run_name: str | None = None
+    """The run's name in TensorBoard and W&B; default: the name of ``output_dir``."""
+
+    eval_metric: str = "mean_logprob"
+    """How classification evaluation scores each option: ``mean_logprob`` (mean log-likelihood per
+    token of the option), or lm-evaluation-harness's ``acc`` (summed log-likelihood) or ``acc_norm``
+    (summed log-likelihood divided by the option's length in UTF-8 bytes). The highest-scoring
+    option is the prediction; the metric reported is still ``accuracy``."""
+
 
 @dataclass
 class DeepSpeedSection:
@@ -389,6 +403,12 @@ def validate(run: RunConfig) -> None:
     from .training.guard import check_max_bad_steps
 
     check_max_bad_steps(tr.max_bad_steps)
+    from .training.evaluate import EVAL_METRICS
+    from .training.tracking import check_report_to
+
+    tr.report_to = check_report_to(tr.report_to)
+    if tr.eval_metric not in EVAL_METRICS:
+        raise ConfigError(f"train.eval_metric = {tr.eval_metric!r}; allowed: {', '.join(EVAL_METRICS)}")
     if tr.max_grad_norm < 0:
         raise ConfigError(f"train.max_grad_norm = {tr.max_grad_norm}; allowed: >= 0 (0 disables)")
     from .training.ds_config import resolve_ds_config_path
