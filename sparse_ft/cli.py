@@ -40,7 +40,8 @@ def export_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="sparse-ft export",
         description="Merge a trained delta into its base model and write a Hugging Face model directory "
-                    "(--format hf), or copy out the compact delta (--format delta).")
+                    "(--format hf), write it as a PEFT adapter (--format peft), or copy out the compact delta "
+                    "(--format delta). hf and peft exports carry a model card (README.md).")
     parser.add_argument("--checkpoint", required=True,
                         help="a run's output dir, a checkpoint dir, or a delta.safetensors file")
     parser.add_argument("--out", required=True, help="output directory (hf) or file/directory (delta)")
@@ -130,7 +131,14 @@ def sweep_main(argv: list[str] | None = None) -> int:
     return sweep_cli(argv)
 
 
-COMMANDS = {"train": train_main, "export": export_main, "rpca": rpca_main, "sweep": sweep_main}
+def eval_main(argv: list[str] | None = None) -> int:
+    _setup_logging()
+    from .harness import main as eval_cli
+
+    return eval_cli(argv)
+
+
+COMMANDS = {"train": train_main, "export": export_main, "rpca": rpca_main, "sweep": sweep_main, "eval": eval_main}
 
 
 def main(argv: list[str] | None = None) -> int:
