@@ -56,7 +56,7 @@ def default_command() -> str:
 
 def build_card(*, base: str, method: dict, n_trainable: int, fmt: str, command: str, results: dict | None,
                task: str | None, peft_type: str | None = None, note: str | None = None,
-               describe: str | None = None) -> str:
+               describe: str | None = None, eval_metric: str | None = None, trained_by: str | None = None) -> str:
     from huggingface_hub import ModelCardData
     from huggingface_hub.repocard_data import EvalResult
 
@@ -94,9 +94,13 @@ def build_card(*, base: str, method: dict, n_trainable: int, fmt: str, command: 
     if scores:
         lines += ["## Results", "", "| split | metric | value |", "|---|---|---|"]
         lines += [f"| {split} | {metric} | {value:.4g} |" for split, metric, value in scores]
-        lines += ["", "In-training scores: accuracy picks the option with the highest mean log-likelihood per token "
-                  "(train.eval_metric); `sparse-ft eval` gives lm-evaluation-harness numbers.", ""]
-    lines += ["## How it was made", "", "```sh", command, "```", "", "## How to load it", "", load, ""]
+        rule = {"acc": "the highest summed log-likelihood (lm-eval's acc)",
+                "acc_norm": "the highest summed log-likelihood per byte (lm-eval's acc_norm)"}.get(
+            eval_metric or "", "the highest mean log-likelihood per token")
+        lines += ["", f"Scores from training (train.eval_metric = {eval_metric or 'mean_logprob'}): a classification "
+                  f"prediction is the option with {rule}. `sparse-ft eval` gives lm-evaluation-harness numbers.", ""]
+    made = ([trained_by] if trained_by else []) + [command]
+    lines += ["## How it was made", "", "```sh", *made, "```", "", "## How to load it", "", load, ""]
     return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
 
 
@@ -107,7 +111,7 @@ def write_model_card(out_dir: Path, *, delta_path: Path, meta: dict, tensors: di
     a non-mergeable export) becomes a section of the card; otherwise it is replaced (a base
     model's own card copied with its side files describes the base, not this export)."""
     run_dir = _run_dir(Path(delta_path))
-    results, task = None, None
+    results, task, eval_metric, trained_by = None, None, None, None
     if run_dir is not None:
         try:
             results = json.loads((run_dir / "results.json").read_text())
@@ -116,16 +120,20 @@ def write_model_card(out_dir: Path, *, delta_path: Path, meta: dict, tensors: di
         try:
             import yaml
 
-            task = (yaml.safe_load((run_dir / "run_config.yaml").read_text()) or {}).get("task", {}).get("name")
+            run_config = yaml.safe_load((run_dir / "run_config.yaml").read_text()) or {}
+            task = (run_config.get("task") or {}).get("name")
+            eval_metric = (run_config.get("train") or {}).get("eval_metric")
+            trained_by = f"sparse-ft train --config {run_dir / 'run_config.yaml'}"
         except (OSError, ValueError, AttributeError):
-            task = None
+            pass
     readme = Path(out_dir) / "README.md"
     note = readme.read_text() if keep_note and readme.is_file() else None
     if note is not None:
         note = note.replace("# Not a plain Hugging Face checkpoint", "## Not a plain Hugging Face checkpoint")
     card = build_card(base=base, method=meta["method"], n_trainable=trainable_count(tensors), fmt=fmt,
                       command=command or default_command(), results=results, task=task, peft_type=peft_type,
-                      note=note, describe=(results or {}).get("method"))
+                      note=note, describe=(results or {}).get("method"), eval_metric=eval_metric,
+                      trained_by=trained_by)
     readme.write_text(card)
     return readme
 
