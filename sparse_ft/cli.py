@@ -107,18 +107,42 @@ def export_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="sparse-ft export", formatter_class=_DefaultsFormatter,
         description=_fill("Merge a trained delta into its base model and write a Hugging Face model directory "
-                          "(--format hf), or copy out the compact delta (--format delta)."))
+                          "(--format hf), write it as a PEFT adapter (--format peft), or copy out the compact "
+                          "delta (--format delta). hf and peft exports carry a model card (README.md)."))
     parser.add_argument("--checkpoint", required=True,
                         help="a run's output dir, a checkpoint dir, or a delta.safetensors file")
     parser.add_argument("--out", required=True, help="output directory (hf) or file/directory (delta)")
-    parser.add_argument("--format", choices=["hf", "delta"], default="hf",
-                        help="hf: a merged Hugging Face model directory; delta: the compact delta file")
+    parser.add_argument("--format", choices=["hf", "delta", "peft"], default="hf",
+                        help="hf: merged Hugging Face model; delta: the compact delta; peft: a PEFT adapter "
+                             "(PeftModel.from_pretrained)")
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="hf: weight dtype")
     parser.add_argument("--max-shard-size", default="5GB", help="hf: largest output shard, e.g. 5GB")
     parser.add_argument("--base-model", default=None, help="base model dir or hub id (default: the one recorded in the delta)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--push-to-hub", metavar="REPO", default=None,
+                        help="hf/peft: upload the export (with its model card) to this Hugging Face Hub repository")
+    parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
     args = parser.parse_args(argv)
     _setup_logging()
+    if args.push_to_hub and args.format == "delta":
+        raise ConfigError("--push-to-hub needs --format hf or peft (a model card and loadable files)")
+    if args.private and not args.push_to_hub:
+        raise ConfigError("--private only applies with --push-to-hub REPO")
+    if args.push_to_hub:
+        from .model_card import check_hub
+
+        check_hub(args.push_to_hub)  # before anything is written
+    import shlex
+
+    command = "sparse-ft export " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    if args.format == "peft":
+        from .export_peft import export_peft
+
+        out = export_peft(args.checkpoint, args.out, base_model=args.base_model, overwrite=args.overwrite,
+                          command=command)
+        _maybe_push(out, args)
+        print(out)
+        return 0
     if args.format == "delta":
         import shutil
         from pathlib import Path
@@ -142,7 +166,8 @@ def export_main(argv: list[str] | None = None) -> int:
     from .export import export_hf
 
     out = export_hf(args.checkpoint, args.out, base_model=args.base_model, dtype=args.dtype,
-                    max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+                    max_shard_size=args.max_shard_size, overwrite=args.overwrite, command=command)
+    _maybe_push(out, args)
     import json
 
     dequantized = json.loads((out / "sparse_ft_export.json").read_text()).get("dequantized")
@@ -151,6 +176,13 @@ def export_main(argv: list[str] | None = None) -> int:
               f"layers to {args.dtype}, then merged the delta")
     print(out)
     return 0
+
+
+def _maybe_push(out, args) -> None:
+    if args.push_to_hub:
+        from .model_card import push_to_hub
+
+        print(f"uploaded to {push_to_hub(out, args.push_to_hub, private=args.private)}")
 
 
 def rpca_main(argv: list[str] | None = None) -> int:
@@ -167,15 +199,23 @@ def sweep_main(argv: list[str] | None = None) -> int:
     return sweep_cli(argv)
 
 
-COMMANDS = {"train": train_main, "export": export_main, "rpca": rpca_main, "sweep": sweep_main}
+def eval_main(argv: list[str] | None = None) -> int:
+    _setup_logging()
+    from .harness import main as eval_cli
+
+    return eval_cli(argv)
+
+
+COMMANDS = {"train": train_main, "export": export_main, "rpca": rpca_main, "sweep": sweep_main, "eval": eval_main}
 
 SUMMARIES = {
     "train": "Fine-tune a model as a YAML config says (sections model, method, task, train, deepspeed); "
              "key=value pairs override it.",
-    "export": "Merge a run's trained delta into its base model and write a Hugging Face model directory, "
-              "or copy out the compact delta.",
+    "export": "Merge a run's trained delta into its base model and write a Hugging Face model directory "
+              "or a PEFT adapter, or copy out the compact delta.",
     "rpca": "Precompute DSEE's sparse positions (Omega, by RPCA of the pretrained weights) before training.",
     "sweep": "Train a grid of learning rates (x densities, methods, seeds) and pick the best on the dev split.",
+    "eval": "Score a run, delta, HF export or PEFT adapter on lm-evaluation-harness tasks (by name or local YAML).",
 }
 
 

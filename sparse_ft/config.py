@@ -23,7 +23,9 @@ from .quant import OPTIMIZERS, QUANT_DTYPES, QUANTIZATIONS, require_bnb
 from .tasks import TASKS, get_task
 from .tasks.data import check_local_files
 from .training.ds_config import offloaded, resolve_ds_config_path, zero_settings
+from .training.evaluate import EVAL_METRICS
 from .training.guard import check_max_bad_steps
+from .training.tracking import check_report_to
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SCHEDULES = ("constant", "linear")
@@ -204,6 +206,20 @@ class TrainConfig:
     logged in metrics.jsonl (``skipped``, ``bad_steps``). This many skipped steps in a row stop the
     run: ``diverged.json`` is written, the last checkpoint taken before them is kept, and
     ``sparse-ft train`` exits with code 3. 0: never stop (bad steps are still skipped)."""
+
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers that get every metrics.jsonl row (rank 0): any of ``tensorboard``
+    (``<output_dir>/tensorboard``), ``wandb`` (``<output_dir>/wandb``; ``WANDB_MODE=offline`` needs no
+    network) and ``csv`` (``<output_dir>/metrics.csv``). Empty: metrics.jsonl only."""
+
+    run_name: str | None = None
+    """The run's name in TensorBoard and W&B; default: the name of ``output_dir``."""
+
+    eval_metric: str = "mean_logprob"
+    """How classification evaluation scores each option: ``mean_logprob`` (mean log-likelihood per
+    token of the option), or lm-evaluation-harness's ``acc`` (summed log-likelihood) or ``acc_norm``
+    (summed log-likelihood divided by the option's length in UTF-8 bytes). The highest-scoring
+    option is the prediction; the metric reported is still ``accuracy``."""
 
     def override(self, values: dict, where: str) -> "TrainConfig":
         """A copy with ``values`` (train keys, as a method's per-stage settings give them) applied,
@@ -412,6 +428,9 @@ def validate(run: RunConfig) -> None:
     if not 0 <= tr.warmup_ratio < 1:
         raise ConfigError(f"train.warmup_ratio = {tr.warmup_ratio}; allowed: [0, 1)")
     check_max_bad_steps(tr.max_bad_steps)
+    tr.report_to = check_report_to(tr.report_to)
+    if tr.eval_metric not in EVAL_METRICS:
+        raise ConfigError(f"train.eval_metric = {tr.eval_metric!r}; allowed: {', '.join(EVAL_METRICS)}")
     if tr.max_grad_norm < 0:
         raise ConfigError(f"train.max_grad_norm = {tr.max_grad_norm}; allowed: >= 0 (0 disables)")
     resolve_ds_config_path(run.deepspeed.config)

@@ -356,11 +356,13 @@ def _copy_side_files(base_dir: Path, out_dir: Path, dtype: str) -> None:
 
 
 def export_hf(source: str | os.PathLike, out_dir: str | os.PathLike, *, base_model: str | None = None,
-              dtype: str = "bf16", max_shard_size: str | int = "5GB", overwrite: bool = False) -> Path:
+              dtype: str = "bf16", max_shard_size: str | int = "5GB", overwrite: bool = False,
+              command: str | None = None) -> Path:
     """Merge the delta found at ``source`` into its base and write a standard HF model directory.
 
     The directory is written under a temporary name next to ``out_dir`` and renamed into place
-    at the end, so an interrupted export leaves no half-written model behind.
+    at the end, so an interrupted export leaves no half-written model behind. ``README.md`` is a
+    model card (:mod:`sparse_ft.model_card`); ``command`` is the command line it names.
     """
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
@@ -402,6 +404,10 @@ def export_hf(source: str | os.PathLike, out_dir: str | os.PathLike, *, base_mod
                     "bitsandbytes loaded them) to %s, then merged the delta", quant["scheme"], len(quant["modules"]),
                     dtype)
     (tmp_dir / "sparse_ft_export.json").write_text(json.dumps(provenance, indent=2))
+    from .model_card import write_model_card
+
+    write_model_card(tmp_dir, delta_path=delta_path, meta=meta, tensors=tensors, base=str(base), fmt="hf",
+                     command=command, keep_note=not config.mergeable)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp_dir, out_dir)

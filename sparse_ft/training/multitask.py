@@ -117,7 +117,7 @@ class TaskMix:
             res = evaluate(module, trainer.tokenizer, task, examples,
                            batch_size=tc.eval_batch_size or tc.micro_batch_size, max_length=task_cfg.max_length,
                            max_new_tokens=task_cfg.max_new_tokens, device=trainer.device, rank=trainer.rank,
-                           world=trainer.world, zero3=trainer.zero3)
+                           world=trainer.world, zero3=trainer.zero3, eval_metric=tc.eval_metric)
             out.update({f"{task.name}/{k}": v for k, v in res.items()})
             main.append((task.metric, res[task.metric]))
         if main and len({m for m, _ in main}) == 1:

@@ -30,7 +30,7 @@ from .checkpoint import CheckpointManager, read_latest
 from .data import BatchPlan
 from .ds_config import build_ds_config, zero_stage
 from .evaluate import evaluate
-from .guard import DIVERGED_FILE, Diverged, count_nonfinite, local_grads, make_skippable
+from .guard import DIVERGED_FILE, Diverged, count_nonfinite, local_grads, make_skippable, sum_squares
 from .model import load_config_only, load_model, load_tokenizer, meta_model
 from .multitask import TaskMix
 
@@ -77,6 +77,8 @@ class MetricsWriter:
 
     def __init__(self, path: Path, enabled: bool):
         self.path, self.enabled, self.rows, self.f = path, enabled, 0, None
+        # train.report_to trackers (rank 0 only), fed every row written here: see training/tracking.py
+        self.sinks: list = []
 
     def open(self, keep_rows: int | None) -> None:
         if not self.enabled:
@@ -95,12 +97,22 @@ class MetricsWriter:
         if self.f is not None:
             self.f.write(json.dumps(row) + "\n")
             self.f.flush()
+        for sink in list(self.sinks):
+            try:
+                sink.log(row)
+            except Exception as e:  # noqa: BLE001 - a tracker's failure must not end the training run
+                logger.warning("%s failed (%s: %s); metrics.jsonl keeps every row, this tracker gets no more",
+                               type(sink).__name__, type(e).__name__, e)
+                self.sinks.remove(sink)
         self.rows += 1
 
     def close(self) -> None:
         if self.f is not None:
             self.f.close()
             self.f = None
+        sinks, self.sinks = self.sinks, []
+        for sink in sinks:
+            sink.close()
 
 
 class Trainer:
@@ -214,7 +226,7 @@ class Trainer:
         out = evaluate(module, self.tokenizer, self.task, examples,
                        batch_size=tc.eval_batch_size or tc.micro_batch_size, max_length=task_cfg.max_length,
                        max_new_tokens=task_cfg.max_new_tokens, device=self.device, rank=self.rank, world=self.world,
-                       zero3=self.zero3)
+                       zero3=self.zero3, eval_metric=tc.eval_metric)
         return out
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -266,12 +278,19 @@ class Trainer:
             step += 1
             # The guard's verdict rides in the loss all-reduce. Under fp16 an inf gradient is DeepSpeed's
             # loss scaler calibrating (it skips those steps itself), so only the loss is checked there.
-            bad_grads = (count_nonfinite(local_grads(engine, self.trained), device) if self.precision != "fp16"
+            grads = local_grads(engine, self.trained) if self.precision != "fp16" else None
+            bad_grads = (count_nonfinite(grads, device) if grads is not None
                          else torch.zeros((), dtype=torch.float64, device=device))
+            # The pre-clipping gradient norm for metrics.jsonl, from the same local shares (fp16's are
+            # loss-scaled: DeepSpeed's own norm is logged there instead).
+            grad_sq = (sum_squares(grads, device) if grads is not None
+                       else torch.full((), float("nan"), dtype=torch.float64, device=device))
             stats = torch.stack([loss_sum, torch.tensor(float(len(micro_batches)), dtype=torch.float64, device=device),
-                                 torch.tensor(float(tokens), dtype=torch.float64, device=device), bad_grads])
+                                 torch.tensor(float(tokens), dtype=torch.float64, device=device), bad_grads, grad_sq])
             runtime.all_reduce_(stats)
-            loss_total, n_micro, n_tokens, n_bad_grads = stats.tolist()  # the step's one host transfer
+            loss_total, n_micro, n_tokens, n_bad_grads, grad_sq_total = stats.tolist()  # the step's one host transfer
+            # ZeRO-1/2/3 ranks hold disjoint shares; without ZeRO every rank holds all of the reduced gradients.
+            grad_norm = math.sqrt(grad_sq_total / (self.world if engine.zero_optimization_stage() == 0 else 1))
             last_loss = loss_total / n_micro
             step_lr = self.scheduler.get_last_lr()[0]
             reason = ("non-finite loss" if not math.isfinite(loss_total) else
@@ -295,6 +314,10 @@ class Trainer:
                 row = {**tag, "step": step, "epoch": round(plan.epoch_of(step), 4), "loss": last_loss,
                        "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": n_tokens / max(elapsed, 1e-9),
                        "peak_mem_gib": runtime.peak_memory_gib(), "bad_steps": self.bad_steps}
+                if math.isnan(grad_norm) and reason is None:
+                    grad_norm = engine.get_global_grad_norm()
+                if grad_norm is not None and not math.isnan(grad_norm):
+                    row["grad_norm"] = float(grad_norm)
                 if reason is not None:
                     row.update(skipped=reason, consecutive_bad_steps=self.consecutive_bad_steps)
                 self.metrics.write(row)
@@ -359,6 +382,11 @@ class Trainer:
             logger.warning("resuming a checkpoint written by %d processes with %d: the data order per rank differs",
                            resume_state["world_size"], self.world)
         self.metrics.open(keep_rows=resume_state["metrics_rows"] if resume_state else None)
+        if self.rank == 0 and run.train.report_to:
+            from .tracking import make_sinks
+
+            self.metrics.sinks = make_sinks(run.train.report_to, self.output_dir, run.train.run_name, run.to_dict(),
+                                            resume_state["step"] if resume_state else None)
         if self.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "run_config.yaml").write_text(yaml.safe_dump(run.to_dict(), sort_keys=False))
