@@ -24,7 +24,7 @@ from torch import nn
 
 from ...errors import ConfigError
 from ...zero import full_numel, full_shape
-from ..base import MethodConfig, Stage, count_parameters, matches, replace_module
+from ..base import ALL_LINEAR, REGEX_PREFIX, MethodConfig, Stage, count_parameters, matches, replace_module
 from .layer import (ACTIVATIONS, SHARED_ATTR, AdapterPrototype, LoRAPrototype, ProPETLAdapterLinear,
                     ProPETLLoRALinear, ProPETLShared, ScoreSet, _ProPETLLayer, hybrid_mask, keep_count,
                     pack_bits, unpack_bits)
@@ -142,7 +142,8 @@ class ProPETLConfig(MethodConfig):
             return "adapter"
         for t in self.target_modules:
             if matches(name, t):
-                return t.replace(".", "_")
+                # all-linear and re: entries span layers of several kinds: one prototype per kind.
+                return name.rsplit(".", 1)[-1] if t == ALL_LINEAR or t.startswith(REGEX_PREFIX) else t.replace(".", "_")
         raise ConfigError(f"module {name} matches none of method.target_modules {self.target_modules}")
 
     def _groups(self, targets) -> dict[str, list[tuple[str, nn.Linear]]]:
