@@ -57,7 +57,8 @@ def test_glob_and_split_mapping(tmp_path):
     one = sample(DataSource(data_files=str(write(tmp_path / "all.jsonl", ROWS, "jsonl"))), n=-1)
     globbed = sample(DataSource(data_files=str(tmp_path / "[ab].jsonl")), n=-1)
     assert globbed[0] == one[0]
-    mapped = sample(DataSource(data_files={"train": str(tmp_path / "[ab].jsonl"), "validation": str(tmp_path / "val.jsonl")}))
+    mapped = sample(DataSource(data_files={"train": str(tmp_path / "[ab].jsonl"),
+                                           "validation": str(tmp_path / "val.jsonl")}))
     # The test example now comes from the validation file.
     assert mapped[2][0].target == "sum 3"
 

@@ -143,7 +143,8 @@ class ProPETLConfig(MethodConfig):
         for t in self.target_modules:
             if matches(name, t):
                 # all-linear and re: entries span layers of several kinds: one prototype per kind.
-                return name.rsplit(".", 1)[-1] if t == ALL_LINEAR or t.startswith(REGEX_PREFIX) else t.replace(".", "_")
+                spans_kinds = t == ALL_LINEAR or t.startswith(REGEX_PREFIX)
+                return name.rsplit(".", 1)[-1] if spans_kinds else t.replace(".", "_")
         raise ConfigError(f"module {name} matches none of method.target_modules {self.target_modules}")
 
     def _groups(self, targets) -> dict[str, list[tuple[str, nn.Linear]]]:
