@@ -242,12 +242,6 @@ def check_columns(task: Task, rows: Rows) -> None:
                               f"(needs {', '.join(task.columns)}; the row has {', '.join(sorted(row))}){hint}")
 
 
-# Kept for callers of the earlier API.
-def load_rows(task: Task, split: str, data_dir: "DataSource | str | None") -> list[dict] | None:
-    rows = load_split(task, split, data_dir, required=False)
-    return None if rows is None else rows.rows
-
-
 def to_examples(task: Task, rows: Rows, indices: list[int]) -> list[Example]:
     """Examples of the selected rows; a row the template cannot read is reported by file and row."""
     out: list[Example] = []
