@@ -249,8 +249,12 @@ class Trainer:
         """A micro-batch of training items and its count of real (non-padding) tokens."""
         if self.packs is not None:
             packs = [[self.encoded[i] for i in self.packs[j]] for j in idx]
-            dtype = runtime.torch_dtype(self.precision)
-            return pad_packed(packs, self.pad_id, dtype), sum(len(e[0]) for p in packs for e in p)
+            batch = pad_packed(packs, self.pad_id, runtime.torch_dtype(self.precision))
+            if (self.run_config.model.attn_implementation or "").startswith("flash"):
+                # FlashAttention takes no 4D mask; transformers finds the examples from the restarting
+                # position ids instead (its packed-sequence path).
+                del batch["attention_mask"]
+            return batch, sum(len(e[0]) for p in packs for e in p)
         batch = pad([self.encoded[i][0] for i in idx], [self.encoded[i][1] for i in idx], self.pad_id)
         return batch, int(batch["attention_mask"].sum())
 
