@@ -21,14 +21,17 @@ from .errors import ConfigError
 from .methods import MethodConfig, RandomMaskConfig, config_from_dict
 from .quant import OPTIMIZERS, QUANT_DTYPES, QUANTIZATIONS, require_bnb
 from .tasks import TASKS, get_task
-from .tasks.data import check_local_files
+from .tasks.chat import check_template_name
+from .tasks.data import DataSource, check_data_files, check_local_files
+from .tasks.encode import TRUNCATIONS
 from .training.ds_config import offloaded, resolve_ds_config_path, zero_settings
 from .training.evaluate import EVAL_METRICS
 from .training.guard import check_max_bad_steps
 from .training.tracking import check_report_to
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-SCHEDULES = ("constant", "linear")
+SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+             "warmup_stable_decay")
 
 
 @dataclass
@@ -71,12 +74,54 @@ class ModelConfig:
 @dataclass
 class TaskConfig:
     name: str = "sst2"
-    """Task registry name: sst2, rte, cb, boolq, wsc, wic, multirc, copa, record, squad, drop,
-    instruction."""
+    """Task registry name: sst2, rte, cb, boolq, wsc, wic, multirc, copa, record, squad, drop
+    (built-in templates), instruction (prompt/response rows), alpaca (instruction, input, output)
+    or messages (chat conversations); see docs/data.md."""
 
     data_dir: str | None = None
     """Local folder of jsonl files in the hub's schema (``<data_dir>/<task>/train.jsonl`` and
     ``validation.jsonl``). None loads from the Hugging Face hub."""
+
+    data_files: str | dict | None = None
+    """Local data files read with ``datasets.load_dataset``: json, jsonl, parquet or csv. A path or
+    glob (the train split), or a mapping of split name to path/glob (``{train: a.jsonl,
+    validation: b.jsonl}``). Takes precedence over ``dataset`` and ``data_dir``."""
+
+    dataset: str | None = None
+    """A dataset for ``datasets.load_dataset``: hub id (``tatsu-lab/alpaca``), local dataset
+    directory, or a folder written by ``Dataset.save_to_disk``. Built-in tasks read it with their
+    template (e.g. a mirror of SST-2)."""
+
+    subset: str | None = None
+    """Configuration (subset) name of ``dataset``."""
+
+    split: str = "train"
+    """Split of ``dataset``/``data_files`` to train on (train and dev examples are drawn from it)."""
+
+    test_split: str | None = None
+    """Split the test examples come from; default ``validation`` (taken from the train split,
+    after train and dev, when it does not exist)."""
+
+    columns: dict = field(default_factory=dict)
+    """Rename the data's columns to the names the task reads: ``{template column: your column}``,
+    e.g. ``{instruction: question, output: answer}`` for alpaca or ``{messages: conversations}``."""
+
+    chat_template: str = "auto"
+    """alpaca and messages tasks: ``auto`` (the tokenizer's chat template; an error if it has
+    none), a built-in one (``chatml``, ``alpaca``) or a Jinja template string."""
+
+    system_prompt: str | None = None
+    """alpaca and messages tasks: system message put first in every conversation that has none."""
+
+    truncation: str = "left"
+    """Training examples longer than ``max_length``: ``left`` cuts the prompt (earlier turns) from
+    the left and keeps the answer whole, ``drop`` leaves the example out. Either way they are counted
+    and logged; an example whose last answer alone does not fit is always dropped, never cut."""
+
+    packing: bool = False
+    """Pack consecutive short training examples into sequences of up to ``max_length`` tokens;
+    attention stays within each example (block-diagonal mask, position ids restart), so the loss
+    equals the unpacked one. Fewer padded tokens, fewer steps per epoch."""
 
     num_train: int = 1000
     """Training examples sampled from the train split (MeZO protocol: 1000); -1 for all."""
@@ -142,13 +187,20 @@ class TrainConfig:
     every method, ``full`` included. The ``adam_*`` and ``weight_decay`` keys apply to all three."""
 
     schedule: str = "constant"
-    """``constant`` (paper 002) or ``linear`` (warm up, then decay to zero)."""
+    """Learning-rate schedule, built by ``transformers.get_scheduler``: ``constant`` (paper 002),
+    ``constant_with_warmup``, ``linear``, ``cosine``, ``cosine_with_restarts``, ``polynomial`` or
+    ``warmup_stable_decay``. ``constant`` with a warm-up is ``constant_with_warmup``."""
 
     warmup_steps: int = 0
-    """Linear warm-up steps (both schedules)."""
+    """Warm-up steps (the learning rate rises linearly from 0). Not together with ``warmup_ratio``."""
 
     warmup_ratio: float = 0.0
-    """Warm-up as a fraction of all steps; used when ``warmup_steps`` is 0."""
+    """Warm-up as a fraction of the stage's steps (rounded up). Not together with ``warmup_steps``."""
+
+    scheduler_kwargs: dict = field(default_factory=dict)
+    """Extra arguments of the schedule (``scheduler_specific_kwargs`` of ``get_scheduler``), e.g.
+    ``{num_cycles: 2}`` (cosine_with_restarts), ``{power: 2, lr_end: 1e-7}`` (polynomial),
+    ``{num_decay_steps: 100}`` (warmup_stable_decay; default: the last 10% of steps)."""
 
     max_grad_norm: float = 1.0
     """Gradient clipping by global norm; 0 disables."""
@@ -283,7 +335,12 @@ def _coerce(section: str, key: str, value: Any, hint: Any) -> Any:
     if origin is typing.Union or (origin is not None and type(None) in args):
         if value is None:
             return None
-        hint = next(a for a in args if a is not type(None))
+        choices = [a for a in args if a is not type(None)]
+        if len(choices) > 1:  # e.g. str | dict: the first type the value fits
+            for choice in choices:
+                if choice is dict and isinstance(value, dict) or choice is not dict and not isinstance(value, dict):
+                    return _coerce(section, key, value, choice)
+        hint = choices[0]
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -399,11 +456,8 @@ def validate(run: RunConfig) -> None:
         raise ConfigError(f"model.name_or_path: local directory {m.name_or_path} does not exist")
     if m.gguf_file and looks_local and not (Path(m.name_or_path).expanduser() / m.gguf_file).is_file():
         raise ConfigError(f"model.gguf_file: {m.gguf_file} not found in {m.name_or_path}")
-    task = get_task(t.name, prompt_field=t.prompt_field, response_field=t.response_field)
-    if t.data_dir is not None:
-        check_local_files(t.data_dir, task)
-    elif task.hub_path is None:
-        raise ConfigError(f"task.data_dir is required for task {t.name!r} (a folder with train.jsonl)")
+    task = task_of(t)
+    validate_data(t, task)
     if t.num_train == 0:
         raise ConfigError("task.num_train = 0; allowed: a positive count or -1 for all")
     if t.max_length < 8:
@@ -427,6 +481,14 @@ def validate(run: RunConfig) -> None:
         raise ConfigError("train.epochs must be > 0 when train.max_steps is not set")
     if not 0 <= tr.warmup_ratio < 1:
         raise ConfigError(f"train.warmup_ratio = {tr.warmup_ratio}; allowed: [0, 1)")
+    if tr.warmup_steps < 0:
+        raise ConfigError(f"train.warmup_steps = {tr.warmup_steps}; allowed: >= 0")
+    if tr.warmup_steps and tr.warmup_ratio:
+        raise ConfigError(f"train.warmup_steps = {tr.warmup_steps} and train.warmup_ratio = {tr.warmup_ratio}: "
+                          "set one of them, not both")
+    if t.packing and getattr(run.method, "tasks", None):
+        raise ConfigError("task.packing with method.tasks (multi-task): a packed sequence would mix tasks; "
+                          "set task.packing=false")
     check_max_bad_steps(tr.max_bad_steps)
     tr.report_to = check_report_to(tr.report_to)
     if tr.eval_metric not in EVAL_METRICS:
@@ -446,6 +508,44 @@ def check_method(method: MethodConfig, train: TrainConfig) -> None:
     if unknown:
         raise ConfigError(f"method.tasks: {unknown} are not tasks; allowed: {', '.join(sorted(TASKS))}")
     method.stages(train)
+
+
+def task_of(t: TaskConfig, name: str | None = None):
+    """The task object a TaskConfig describes (``name`` overrides ``t.name`` for multi-task runs)."""
+    return get_task(name or t.name, prompt_field=t.prompt_field, response_field=t.response_field,
+                    system_prompt=t.system_prompt)
+
+
+def data_source(t: TaskConfig):
+    """Where the task's rows come from, as :func:`sparse_ft.tasks.load_task_data` takes it."""
+    return DataSource(data_dir=t.data_dir, dataset=t.dataset, subset=t.subset, split=t.split,
+                      test_split=t.test_split, data_files=t.data_files, columns=dict(t.columns))
+
+
+def validate_data(t: TaskConfig, task) -> None:
+    """The data keys, checked without reading any row: files exist, names are known."""
+    if t.data_files is not None:
+        if not isinstance(t.data_files, (str, dict)) or not t.data_files:
+            raise ConfigError(f"task.data_files = {t.data_files!r}; allowed: a path or glob, or a mapping of split "
+                              "name to path/glob")
+        check_data_files(t.data_files, t.split)
+    elif t.dataset:
+        pass  # a hub id or local dataset: resolved by datasets when the data loads (before the model)
+    elif t.data_dir is not None:
+        check_local_files(t.data_dir, task)
+    elif task.hub_path is None:
+        raise ConfigError(f"task {t.name!r} needs data: set task.data_files (json, jsonl, parquet or csv files), "
+                          "task.dataset (a hub id or saved dataset) or task.data_dir (a folder with train.jsonl)")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in t.columns.items()):
+        raise ConfigError(f"task.columns = {t.columns!r}; allowed: a mapping of template column to your column name")
+    if t.columns and task.columns:
+        unknown = [k for k in t.columns if k not in task.columns and k != "input"]
+        if unknown:
+            raise ConfigError(f"task.columns: {unknown[0]!r} is not a column task {t.name!r} reads; allowed keys: "
+                              f"{', '.join(task.columns + (('input',) if t.name == 'alpaca' else ()))}")
+    if t.truncation not in TRUNCATIONS:
+        raise ConfigError(f"task.truncation = {t.truncation!r}; allowed: {', '.join(TRUNCATIONS)}")
+    check_template_name(t.chat_template)
 
 
 def validate_quantization(run: RunConfig) -> None:

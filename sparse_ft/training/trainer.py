@@ -18,13 +18,14 @@ import torch
 import yaml
 
 from .. import api
-from ..config import RunConfig, TrainConfig
+from ..config import RunConfig, TrainConfig, data_source, task_of
 from ..delta import save_delta
 from ..errors import ConfigError
 from ..methods.base import find_targets
 from ..quant import make_optimizer
-from ..tasks import get_task, load_task_data
-from ..tasks.encode import encode_train_example, pad
+from ..tasks import load_task_data
+from ..tasks.chat import set_chat_template
+from ..tasks.encode import encode_training_set, pack, pad, pad_packed
 from . import runtime
 from .checkpoint import CheckpointManager, read_latest
 from .data import BatchPlan
@@ -52,14 +53,29 @@ def check_output_dir(run: RunConfig) -> None:
                           "directory, resume it with train.resume_from=latest, or set train.overwrite_output_dir=true")
 
 
-def lr_lambda(schedule: str, warmup: int, total: int):
-    def fn(step: int) -> float:
-        if warmup > 0 and step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        return max(0.0, (total - step) / max(1, total - warmup))
-    return fn
+def make_scheduler(optimizer: torch.optim.Optimizer, tc: TrainConfig, total_steps: int):
+    """``transformers.get_scheduler`` for ``train.schedule``; ``constant`` with a warm-up is
+    ``constant_with_warmup``. A LambdaLR: DeepSpeed checkpoints its step count, so a resumed run
+    continues the same curve."""
+    from transformers import get_scheduler
+
+    warmup = tc.warmup_steps or math.ceil(tc.warmup_ratio * total_steps)
+    name = "constant_with_warmup" if tc.schedule == "constant" and warmup else tc.schedule
+    kwargs = dict(tc.scheduler_kwargs)
+    if name == "warmup_stable_decay":
+        kwargs.setdefault("num_decay_steps", max(1, round(0.1 * total_steps)))
+    try:
+        return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
+                             scheduler_specific_kwargs=kwargs or None)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"train.schedule = {tc.schedule!r} with train.scheduler_kwargs = {tc.scheduler_kwargs!r}: "
+                          f"{e}") from None
+
+
+def check_schedule(tc: TrainConfig) -> None:
+    """Build the schedule once on a throw-away optimizer, so bad ``scheduler_kwargs`` fail before
+    the model loads."""
+    make_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=tc.lr), tc, 100)
 
 
 class StopTraining(Exception):
@@ -140,17 +156,30 @@ class Trainer:
         torch.manual_seed(run.train.seed)
 
         logger.info("loading task %s and the tokenizer of %s", run.task.name, run.model.name_or_path)
-        self.task = get_task(run.task.name, prompt_field=run.task.prompt_field, response_field=run.task.response_field)
-        self.data = load_task_data(self.task, run.task.data_dir, run.task.num_train, run.task.num_dev,
+        check_schedule(run.train)
+        self.task = task_of(run.task)
+        self.data = load_task_data(self.task, data_source(run.task), run.task.num_train, run.task.num_dev,
                                    run.task.num_test, run.task.seed)
         self.tokenizer = load_tokenizer(run.model)
+        if self.task.chat:
+            set_chat_template(self.tokenizer, run.task.chat_template,
+                              f"the tokenizer of {run.model.tokenizer or run.model.name_or_path}")
         self.hidden_size = getattr(load_config_only(run.model), "hidden_size", None)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         add_eos = self.task.kind != "classification"
-        self.encoded = [encode_train_example(self.tokenizer, ex, run.task.max_length, add_eos) for ex in self.data.train]
+        self.packs: list[list[int]] | None = None
         self.mix = TaskMix.from_run(run, self.tokenizer)  # several tasks in one run (method.tasks), else None
         if self.mix is not None:
             self.data, self.encoded = self.mix.combined, self.mix.encoded
+        else:
+            self.encoded, self.length_report = encode_training_set(
+                self.tokenizer, self.data.train, run.task.max_length, add_eos, run.task.truncation,
+                where=f"task {run.task.name!r}")
+            if run.task.packing:
+                # A training item is then a pack of consecutive (already shuffled) examples.
+                self.packs = pack([len(ids) for ids, _ in self.encoded], run.task.max_length)
+                logger.info("task.packing: %d examples in %d sequences of up to %d tokens", len(self.encoded),
+                            len(self.packs), run.task.max_length)
         self.model = None
         self.engine = None
         self.scheduler = None
@@ -202,11 +231,9 @@ class Trainer:
         if tc.optimizer != "adamw":
             self.ds_config["zero_allow_untested_optimizer"] = True
         self.optimizer = optimizer
-        warmup = tc.warmup_steps or int(tc.warmup_ratio * total_steps)
-        schedule = lr_lambda(tc.schedule, warmup, total_steps)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=optimizer, config=self.ds_config,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+            lr_scheduler=lambda opt: make_scheduler(opt, tc, total_steps))
         self.trained = [p for p in self.engine.module.parameters() if p.requires_grad]
 
     def destroy_engine(self) -> None:
@@ -230,6 +257,24 @@ class Trainer:
         return out
 
     # -- the loop ----------------------------------------------------------------------------------
+    @property
+    def n_items(self) -> int:
+        """Training items the batch plan draws from: examples, or packs of them."""
+        return len(self.packs) if self.packs is not None else len(self.encoded)
+
+    def collate(self, idx: list[int]) -> tuple[dict, int]:
+        """A micro-batch of training items and its count of real (non-padding) tokens."""
+        if self.packs is not None:
+            packs = [[self.encoded[i] for i in self.packs[j]] for j in idx]
+            batch = pad_packed(packs, self.pad_id, runtime.torch_dtype(self.precision))
+            if (self.run_config.model.attn_implementation or "").startswith("flash"):
+                # FlashAttention takes no 4D mask; transformers finds the examples from the restarting
+                # position ids instead (its packed-sequence path).
+                del batch["attention_mask"]
+            return batch, sum(len(e[0]) for p in packs for e in p)
+        batch = pad([self.encoded[i][0] for i in idx], [self.encoded[i][1] for i in idx], self.pad_id)
+        return batch, int(batch["attention_mask"].sum())
+
     def _forward(self, batch: dict) -> torch.Tensor:
         """One micro-batch's loss (a seam for tests that inject a non-finite loss)."""
         return self.engine(**batch).loss
@@ -266,8 +311,8 @@ class Trainer:
             tokens = 0
             micro_batches = plan.micro_batches(step, self.rank)
             for j, idx in enumerate(micro_batches):
-                batch = pad([self.encoded[i][0] for i in idx], [self.encoded[i][1] for i in idx], self.pad_id)
-                tokens += int(batch["attention_mask"].sum())
+                batch, n_tokens = self.collate(idx)
+                tokens += n_tokens
                 if self.mix is not None:
                     self.mix.activate(self.model, idx)
                 loss = self._forward({k: v.to(device) for k, v in batch.items()})
@@ -395,6 +440,10 @@ class Trainer:
         results: dict = dict(resume_state["stage_results"]) if resume_state else {}
         results["method"] = run.method.describe(self.model)
         results["precision"] = self.precision
+        if self.mix is None:
+            rep = self.length_report
+            results["data"] = {"train_examples": rep.total - rep.dropped, "prompt_cut": rep.prompt_cut,
+                               "dropped": rep.dropped, **({"packs": len(self.packs)} if self.packs is not None else {})}
         resume_stage = resume_state["stage"] if resume_state else -1
 
         multi = len(self._stages) > 1
@@ -405,7 +454,7 @@ class Trainer:
                 continue
             tc = stage.train
             plan = (self.mix.plan(tc.micro_batch_size, tc.grad_accum, self.world, tc.seed) if self.mix is not None else
-                    BatchPlan(len(self.data.train), tc.micro_batch_size, tc.grad_accum, self.world, tc.seed))
+                    BatchPlan(self.n_items, tc.micro_batch_size, tc.grad_accum, self.world, tc.seed))
             total = plan.total_steps(tc.epochs, tc.max_steps)
             self.build_engine(tc, total)
             start = 0

@@ -27,7 +27,8 @@ from torch import nn
 from ...delta_file import read_delta
 from ...errors import ConfigError
 from ...zero import full_numel, full_shape
-from ..base import MethodConfig, Stage, count_parameters, matches, name_seed, replace_module
+from ..base import (ALL_LINEAR, REGEX_PREFIX, MethodConfig, Stage, count_parameters, matches, name_seed,
+                    replace_module)
 from .layer import (ACTIVATIONS, SHARED_ATTR, AdapterPrototype, LoRAPrototype, ProPETLAdapterLinear,
                     ProPETLLoRALinear, ProPETLShared, ScoreSet, _ProPETLLayer, hybrid_mask, keep_count,
                     pack_bits, unpack_bits)
@@ -144,7 +145,9 @@ class ProPETLConfig(MethodConfig):
             return "adapter"
         for t in self.target_modules:
             if matches(name, t):
-                return t.replace(".", "_")
+                # all-linear and re: entries span layers of several kinds: one prototype per kind.
+                spans_kinds = t == ALL_LINEAR or t.startswith(REGEX_PREFIX)
+                return name.rsplit(".", 1)[-1] if spans_kinds else t.replace(".", "_")
         raise ConfigError(f"module {name} matches none of method.target_modules {self.target_modules}")
 
     def _groups(self, targets) -> dict[str, list[tuple[str, nn.Linear]]]:
