@@ -1,6 +1,6 @@
 """Launchers: exact dry-run commands, SLURM node lists, and every input check, without launching.
 
-``sparse_ft.launchers._launch`` is replaced for every test, so nothing here can start a real
+``sparse_ft.launch.common._launch`` is replaced for every test, so nothing here can start a real
 launch; the thin ``launch/*.py`` scripts run as subprocesses with ``--dry-run`` only.
 """
 from __future__ import annotations
@@ -13,12 +13,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sparse_ft import launchers
+from sparse_ft.errors import ConfigError
+from sparse_ft.launch import common, hostfile as hostfiles, multinode
 from sparse_ft.config import parse_overrides, set_dotted
-from sparse_ft.launchers import expand_nodelist, multinode_main, slurm_main, torchrun_main
+from sparse_ft.launch.multinode import multinode_main
+from sparse_ft.launch.slurm import expand_nodelist, slurm_main
+from sparse_ft.launch.torchrun import torchrun_main
 
 ROOT = Path(__file__).resolve().parents[2]
-TRAIN = str(launchers.TRAIN_SCRIPT)  # tests run from tmp dirs, so the script shows as an absolute path
+TRAIN = str(common.TRAIN_SCRIPT)  # tests run from tmp dirs, so the script shows as an absolute path
 SLURM_VARS = ("SLURM_JOB_NODELIST", "SLURM_NODELIST", "SLURM_NNODES", "SLURM_JOB_NUM_NODES", "SLURM_JOB_ID",
               "SLURM_JOBID", "SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE", "SLURM_CPUS_PER_TASK")
 TWO_NODES = "# two nodes of 8 GPUs\nworker-1 slots=8\n\nworker-2 slots=8  # spare\n"
@@ -38,7 +41,7 @@ def workdir(tmp_path, monkeypatch):
     def no_launch(command, env):
         raise Launched(command)
 
-    monkeypatch.setattr(launchers, "_launch", no_launch)
+    monkeypatch.setattr(common, "_launch", no_launch)
     return tmp_path
 
 
@@ -71,8 +74,8 @@ class FakeLaunch(list):
 @pytest.fixture
 def fake_run(monkeypatch) -> FakeLaunch:
     fake = FakeLaunch()
-    monkeypatch.setattr(launchers, "_launch", fake)
-    monkeypatch.setattr(launchers.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(common, "_launch", fake)
+    monkeypatch.setattr(common.shutil, "which", lambda name: f"/usr/bin/{name}")
     return fake
 
 
@@ -107,8 +110,8 @@ def test_multinode_dry_run_prints_env_file_and_exact_command(hostfile, config, c
 
 
 def test_multinode_plan_command_list(hostfile, config):
-    launch = launchers.DeepSpeedLaunch(hostfile="hostfile", num_nodes=2, num_gpus=4)
-    plan = launchers.deepspeed_plan(launch, launchers.read_hostfile("hostfile"), ["--config", "run.yaml"], {})
+    launch = multinode.DeepSpeedLaunch(hostfile="hostfile", num_nodes=2, num_gpus=4)
+    plan = multinode.deepspeed_plan(launch, hostfiles.read_hostfile("hostfile"), ["--config", "run.yaml"], {})
     assert plan.command == ["deepspeed", "--hostfile", "hostfile", "--num_nodes", "2", "--num_gpus", "4", TRAIN,
                             "--config", "run.yaml"]
     assert plan.env == {} and plan.files == {}
@@ -133,7 +136,7 @@ def test_killed_launch_reports_128_plus_signal(hostfile, config, capsys, fake_ru
 
 
 def test_missing_launcher_executable_is_a_clear_error(hostfile, config, capsys, monkeypatch):
-    monkeypatch.setattr(launchers.shutil, "which", lambda name: None)
+    monkeypatch.setattr(common.shutil, "which", lambda name: None)
     code, _, err = call(multinode_main, ["--hostfile", "hostfile", "--config", "run.yaml"], capsys)
     assert code == 2 and "deepspeed: command not found on PATH" in err
 
@@ -156,7 +159,7 @@ def test_node_local_checkpoints_adds_override_that_merges(hostfile, config, caps
         "--config run.yaml train.lr=1e-2 deepspeed.overrides.checkpoint.use_node_local_storage=true")
     # Apply the overrides as sparse_ft.config.load_config does: the YAML's own overrides survive.
     tree = yaml.safe_load(config.read_text())
-    for key, value in parse_overrides(["train.lr=1e-2", launchers.NODE_LOCAL_CHECKPOINT_OVERRIDE]):
+    for key, value in parse_overrides(["train.lr=1e-2", common.NODE_LOCAL_CHECKPOINT_OVERRIDE]):
         set_dotted(tree, key, value)
     assert tree["deepspeed"]["overrides"] == {"zero_optimization": {"stage3_max_live_parameters": 1e8},
                                               "checkpoint": {"use_node_local_storage": True}}
@@ -292,7 +295,7 @@ def test_expand_nodelist(nodelist, hosts):
     ("gpu1,,gpu2", "empty host name"),
 ])
 def test_expand_nodelist_rejects(nodelist, message):
-    with pytest.raises(launchers.ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         expand_nodelist(nodelist)
 
 
@@ -364,8 +367,8 @@ def test_config_is_checked_for_every_launcher(capsys, monkeypatch):
 
 
 def test_hostfile_accepts_comments_and_blank_lines(hostfile):
-    assert launchers.read_hostfile(hostfile) == {"worker-1": 8, "worker-2": 8}
-    assert launchers.format_hostfile({"worker-1": 8, "worker-2": 8}) == "worker-1 slots=8\nworker-2 slots=8\n"
+    assert hostfiles.read_hostfile(hostfile) == {"worker-1": 8, "worker-2": 8}
+    assert hostfiles.format_hostfile({"worker-1": 8, "worker-2": 8}) == "worker-1 slots=8\nworker-2 slots=8\n"
 
 
 # --------------------------------------------------------------------------- the scripts themselves

@@ -1,0 +1,185 @@
+"""``launch/slurm.py`` (run by ``launch/slurm_train.sbatch``): inside a SLURM job, srun + torchrun
+on every node, or a hostfile for the deepspeed launcher."""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ConfigError
+from .common import (DEFAULT_MASTER_PORT, LaunchPlan, _add_train_arguments, _entry, check_port, check_positive,
+                     parse_env_pairs, train_arguments, train_script)
+from .hostfile import format_hostfile
+from .multinode import DeepSpeedLaunch, deepspeed_plan
+
+
+
+def _expand_brackets(body: str, whole: str) -> list[str]:
+    """``001-003,007`` -> ['001', '002', '003', '007'], keeping the zero padding of each range."""
+    out = []
+    for item in body.split(","):
+        lo, dash, hi = item.partition("-")
+        if not lo.isdigit() or (dash and not hi.isdigit()):
+            raise ConfigError(f"SLURM_JOB_NODELIST={whole!r}: [{body}] is not a list of numbers and ranges")
+        if not dash:
+            out.append(lo)
+            continue
+        if int(hi) < int(lo):
+            raise ConfigError(f"SLURM_JOB_NODELIST={whole!r}: range {item} runs backwards")
+        out += [str(n).zfill(len(lo)) for n in range(int(lo), int(hi) + 1)]
+    return out
+
+
+def _split_top_level(nodelist: str) -> list[str]:
+    """Split on commas outside brackets: ``gpu[1,3],cpu5`` -> ['gpu[1,3]', 'cpu5']."""
+    parts, depth, current = [], 0, ""
+    for char in nodelist:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if depth not in (0, 1):
+            raise ConfigError(f"SLURM_JOB_NODELIST={nodelist!r}: unbalanced or nested brackets")
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    if depth:
+        raise ConfigError(f"SLURM_JOB_NODELIST={nodelist!r}: unbalanced brackets")
+    return [*parts, current]
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """SLURM's compact host list to host names, in order: ``gpu[001-003,007],cpu5`` -> gpu001,
+    gpu002, gpu003, gpu007, cpu5. Several bracket groups in one name multiply (``r[1-2]n[1-2]``).
+    Written here so the launcher needs no ``scontrol`` (see :func:`slurm_hosts` for the fallback)."""
+    nodelist = nodelist.strip()
+    if not nodelist:
+        raise ConfigError("SLURM_JOB_NODELIST is empty")
+    hosts: list[str] = []
+    for token in _split_top_level(nodelist):
+        if not token:
+            raise ConfigError(f"SLURM_JOB_NODELIST={nodelist!r}: empty host name")
+        pieces = re.split(r"\[([^\[\]]*)\]", token)
+        # re.split with a group alternates literal text and bracket bodies.
+        choices = [[p] if i % 2 == 0 else _expand_brackets(p, nodelist) for i, p in enumerate(pieces)]
+        hosts += ["".join(combo) for combo in itertools.product(*choices)]
+    duplicates = sorted({h for h in hosts if hosts.count(h) > 1})
+    if duplicates:
+        raise ConfigError(f"SLURM_JOB_NODELIST={nodelist!r}: lists {', '.join(duplicates)} more than once")
+    return hosts
+
+
+def slurm_hosts(nodelist: str) -> list[str]:
+    """:func:`expand_nodelist`, falling back to ``scontrol show hostnames`` for a form it does not
+    know when scontrol is installed."""
+    try:
+        return expand_nodelist(nodelist)
+    except ConfigError:
+        if not shutil.which("scontrol"):
+            raise
+        result = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True)
+        if result.returncode != 0 or not result.stdout.split():
+            raise
+        return result.stdout.split()
+
+
+def _require_env(environ: Mapping[str, str], *names: str) -> str:
+    for name in names:
+        if environ.get(name, "").strip():
+            return environ[name].strip()
+    raise ConfigError(f"{names[0]} is not set: launch/slurm.py runs inside a SLURM job "
+                      "(sbatch launch/slurm_train.sbatch ...); use launch/multinode.py or launch/torchrun.py elsewhere")
+
+
+def slurm_gpus_per_node(environ: Mapping[str, str], flag_value: int | None) -> int:
+    """``--gpus-per-node``, else ``SLURM_GPUS_ON_NODE``, else the count in ``SLURM_GPUS_PER_NODE``
+    (``8`` or ``a100:8``). Nodes are assumed alike: the batch step sees only its own node."""
+    if flag_value is not None:
+        return check_positive(flag_value, "--gpus-per-node")
+    for name in ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE"):
+        raw = environ.get(name, "").strip()
+        if raw:
+            count = raw.rsplit(":", 1)[-1]
+            if not count.isdigit() or int(count) < 1:
+                raise ConfigError(f"{name}={raw!r} is not a GPU count; give --gpus-per-node")
+            return int(count)
+    raise ConfigError("--gpus-per-node not given and neither SLURM_GPUS_ON_NODE nor SLURM_GPUS_PER_NODE is set "
+                      "(submit with #SBATCH --gpus-per-node=N or pass --gpus-per-node)")
+
+
+@dataclass
+class SlurmJob:
+    """What the launcher needs from a SLURM job's environment."""
+
+    job_id: str
+    hosts: list[str]
+    gpus_per_node: int
+    cpus_per_task: str | None = None
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str], gpus_per_node: int | None = None) -> SlurmJob:
+        nodelist = _require_env(environ, "SLURM_JOB_NODELIST", "SLURM_NODELIST")
+        job_id = _require_env(environ, "SLURM_JOB_ID", "SLURM_JOBID")
+        nnodes = _require_env(environ, "SLURM_NNODES", "SLURM_JOB_NUM_NODES")
+        hosts = slurm_hosts(nodelist)
+        if not nnodes.isdigit() or int(nnodes) != len(hosts):
+            raise ConfigError(f"SLURM_NNODES={nnodes!r} does not match the {len(hosts)} hosts in "
+                              f"SLURM_JOB_NODELIST={nodelist!r}")
+        return cls(job_id, hosts, slurm_gpus_per_node(environ, gpus_per_node),
+                   environ.get("SLURM_CPUS_PER_TASK") or None)
+
+
+def slurm_torchrun_command(job: SlurmJob, port: int, train_args: Sequence[str]) -> list[str]:
+    """One torchrun per node through srun, meeting at a c10d rendezvous on the first host.
+    torchrun orders nodes by host name, so the same hosts get the same node ranks on a rerun."""
+    srun = ["srun", f"--nodes={len(job.hosts)}", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    if job.cpus_per_task:
+        # SLURM >= 22.05 no longer passes sbatch's --cpus-per-task on to srun; without this each
+        # torchrun (and its 8 workers) would be pinned to one core.
+        srun.append(f"--cpus-per-task={job.cpus_per_task}")
+    torchrun = ["torchrun", "--nnodes", str(len(job.hosts)), "--nproc_per_node", str(job.gpus_per_node),
+                "--rdzv_backend", "c10d", "--rdzv_endpoint", f"{job.hosts[0]}:{check_port(port)}",
+                "--rdzv_id", job.job_id]
+    return [*srun, *torchrun, train_script(), *train_args]
+
+
+def slurm_plan(job: SlurmJob, launcher: str, port: int, train_args: Sequence[str], env: Mapping[str, str],
+               hostfile_out: str | None) -> LaunchPlan:
+    if launcher == "torchrun":
+        # srun exports the caller's whole environment to every node, so env needs no file.
+        return LaunchPlan(slurm_torchrun_command(job, port, train_args), dict(env))
+    hosts = {host: job.gpus_per_node for host in job.hosts}
+    hostfile = hostfile_out or f"hostfile.{job.job_id}"
+    launch = DeepSpeedLaunch(hostfile=hostfile, master_addr=job.hosts[0], master_port=port)
+    return deepspeed_plan(launch, hosts, train_args, env, {Path(hostfile): format_hostfile(hosts)})
+
+
+
+def _slurm_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Inside a SLURM job (one task per node): launch "
+                                     "launch/train.py on every node of the job with torchrun (srun) or deepspeed.")
+    parser.add_argument("--launcher", choices=("torchrun", "deepspeed"), default="torchrun",
+                        help="torchrun: srun starts one torchrun per node, no ssh needed (default); deepspeed: "
+                             "write a hostfile and run the deepspeed launcher, which needs pdsh and ssh between nodes")
+    parser.add_argument("--gpus-per-node", type=int, help="default: SLURM_GPUS_ON_NODE")
+    parser.add_argument("--master-port", type=int, default=DEFAULT_MASTER_PORT, help="rendezvous port on the first node")
+    parser.add_argument("--hostfile-out", help="deepspeed: where to write the hostfile (default hostfile.$SLURM_JOB_ID)")
+    _add_train_arguments(parser)
+    return parser
+
+
+def build_slurm(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> LaunchPlan:
+    """The plan for this SLURM job; SLURM variables come from ``environ`` (default os.environ)."""
+    job = SlurmJob.from_environ(os.environ if environ is None else environ, args.gpus_per_node)
+    env = parse_env_pairs(args.env)
+    train_args = train_arguments(args.config, args.overrides, args.node_local_checkpoints)
+    return slurm_plan(job, args.launcher, args.master_port, train_args, env, args.hostfile_out)
+
+
+def slurm_main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    return _entry(_slurm_parser("launch/slurm.py"), lambda args: build_slurm(args, environ), argv)
