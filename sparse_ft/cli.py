@@ -27,7 +27,13 @@ def train_main(argv: list[str] | None = None) -> int:
     _setup_logging()
     from .config import load_config
 
-    run = load_config(args.config, args.overrides)
+    from .training.jobstatus import report_before_start
+
+    try:
+        run = load_config(args.config, args.overrides)
+    except Exception as error:
+        report_before_start(error)  # under a multi-node launcher: the other ranks stop too
+        raise
     from .training.guard import EXIT_DIVERGED
     from .training.trainer import train
 

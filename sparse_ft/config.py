@@ -199,6 +199,16 @@ class TrainConfig:
     run: ``diverged.json`` is written, the last checkpoint taken before them is kept, and
     ``sparse-ft train`` exits with code 3. 0: never stop (bad steps are still skipped)."""
 
+    dist_timeout_s: float = 1800.0
+    """Seconds a collective (all-reduce, barrier, ZeRO-3 gather) may wait for the other ranks before
+    it fails; passed to ``deepspeed.init_distributed``. A rank that fails with a Python error ends
+    the job on every node within seconds anyway (see docs/multi-node.md); this bounds the wait for
+    a rank that hangs or dies without one."""
+
+    startup_timeout_s: float = 300.0
+    """After the model is loaded, every rank waits at most this long for the slowest one; a rank
+    that has not arrived by then (killed, hung in its load) is named and the job stops."""
+
 
 @dataclass
 class DeepSpeedSection:
@@ -389,6 +399,9 @@ def validate(run: RunConfig) -> None:
     from .training.guard import check_max_bad_steps
 
     check_max_bad_steps(tr.max_bad_steps)
+    for name in ("dist_timeout_s", "startup_timeout_s"):
+        if not getattr(tr, name) > 0:
+            raise ConfigError(f"train.{name} = {getattr(tr, name)}; allowed: a number of seconds > 0")
     if tr.max_grad_norm < 0:
         raise ConfigError(f"train.max_grad_norm = {tr.max_grad_norm}; allowed: >= 0 (0 disables)")
     from .training.ds_config import resolve_ds_config_path

@@ -7,17 +7,20 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from ..config import SECTIONS, _section, parse_overrides, set_dotted
+from ..config import SECTIONS, TrainConfig, _section, parse_overrides, set_dotted
 from ..errors import ConfigError
 from ..methods import config_from_dict
+from ..training.jobstatus import EXIT_STATUS_FILE, failure_message, read_exit_status
 
 DEFAULT_MASTER_PORT = 29500
 """torch.distributed's and the deepspeed launcher's default rendezvous port."""
@@ -40,6 +43,11 @@ class LaunchPlan:
     command: list[str]
     env: dict[str, str] = field(default_factory=dict)
     files: dict[Path, str] = field(default_factory=dict)
+    status_file: Path | None = None
+    """The run's ``exit_status.json``: its code replaces the launcher's when the launch fails
+    (torchrun and srun report every failure as 1)."""
+    free_port_required: int | None = None
+    """A rendezvous port this machine will host: checked free just before the launch."""
 
     def shell_line(self) -> str:
         """The command as one copy-pasteable shell line, environment assignments first."""
@@ -48,7 +56,7 @@ class LaunchPlan:
 
     def describe(self) -> str:
         """Dry-run text: each file's path and content, then the command line (always last)."""
-        parts = [f"# {path}\n{text}" for path, text in self.files.items()]
+        parts = [f"# {display_path(path)}\n{text}" for path, text in self.files.items()]
         return "".join(parts) + "# command\n" + self.shell_line() + "\n"
 
 
@@ -100,23 +108,43 @@ def parse_env_pairs(pairs: Sequence[str], flag: str = "--env") -> dict[str, str]
     return env
 
 
-def deepspeed_env_path() -> Path:
-    """Where the deepspeed runner looks for extra variables: ``$DS_ENV_FILE`` or ``.deepspeed_env``
-    in the working directory (it also reads ``~/.deepspeed_env``)."""
-    return Path(os.environ.get("DS_ENV_FILE", ".deepspeed_env"))
+LAUNCH_DIR = "launch"
+"""Under ``train.output_dir``: the files a launcher writes for one run (env file, hostfile)."""
 
 
-def merged_deepspeed_env(path: Path, new: Mapping[str, str]) -> str:
-    """Content for ``.deepspeed_env``: the existing lines with ``new`` keys replaced or appended,
-    so hand-written entries survive a launch that adds one NCCL variable."""
-    merged: dict[str, str] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            key, sep, value = line.partition("=")
-            if sep and key.strip():
-                merged[key.strip()] = value
-    merged.update(new)
-    return "".join(f"{key}={value}\n" for key, value in merged.items())
+def launch_dir(run_dir: Path) -> Path:
+    return run_dir / LAUNCH_DIR
+
+
+def deepspeed_env_path(run_dir: Path) -> Path:
+    """The run's own env file for the deepspeed runner, passed as an absolute ``DS_ENV_FILE``: the
+    runner then reads only this file (not ``./.deepspeed_env`` nor ``~/.deepspeed_env``), so a
+    variable left from another run can never reach this one."""
+    return (launch_dir(run_dir) / "deepspeed_env").resolve()
+
+
+def deepspeed_env_text(env: Mapping[str, str]) -> str:
+    return "".join(f"{key}={value}\n" for key, value in env.items())
+
+
+# --------------------------------------------------------------------------- ports
+
+
+def port_in_use(port: int) -> bool:
+    """Whether a listening socket on this machine holds ``port`` (any address)."""
+    with socket.socket() as s:
+        try:
+            s.bind(("", port))
+        except OSError:
+            return True
+    return False
+
+
+def free_port() -> int:
+    """A port no one listens on here (the kernel picks it from its ephemeral range)."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------- training arguments
@@ -153,6 +181,15 @@ def train_arguments(config: str, overrides: Sequence[str], node_local_checkpoint
     return ["--config", config, *extra]
 
 
+def run_directory(train_args: Sequence[str]) -> Path:
+    """``train.output_dir`` as ``train.py`` will see it with these arguments (from :func:`train_arguments`)."""
+    config, overrides = train_args[1], train_args[2:]
+    tree = yaml.safe_load(Path(config).read_text()) or {}
+    for key, value in parse_overrides(overrides):
+        set_dotted(tree, key, value)
+    return Path(str((tree.get("train") or {}).get("output_dir") or TrainConfig.output_dir))
+
+
 def train_script() -> str:
     return display_path(TRAIN_SCRIPT)
 
@@ -169,12 +206,26 @@ def run_plan(plan: LaunchPlan, dry_run: bool) -> int:
     executable = plan.command[0]
     if not shutil.which(executable):
         raise ConfigError(f"{executable}: command not found on PATH (is the environment with deepspeed/torch active?)")
+    if plan.free_port_required is not None and port_in_use(plan.free_port_required):
+        raise ConfigError(f"rendezvous port {plan.free_port_required} is in use on this machine (another job's "
+                          "rendezvous?); pass a different --master-port (the same on every node)")
     for path, text in plan.files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
         print(f"wrote {path}", file=sys.stderr)
     print(plan.shell_line(), file=sys.stderr, flush=True)
+    started = time.time()
     code = _launch(plan.command, {**os.environ, **plan.env})
-    return 128 - code if code < 0 else code
+    code = 128 - code if code < 0 else code
+    if code != 0 and plan.status_file is not None:
+        record = read_exit_status(plan.status_file, newer_than=started - 1)
+        if record is not None and record["exit_code"] != 0:
+            if "error" in record:
+                print(f"{plan.command[0]}: {failure_message(record)}", file=sys.stderr)
+            print(f"exit code {record['exit_code']} from {plan.status_file} (the launcher reported {code})",
+                  file=sys.stderr)
+            return record["exit_code"]
+    return code
 
 
 def _launch(command: list[str], env: dict[str, str]) -> int:

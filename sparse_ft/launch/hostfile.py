@@ -1,11 +1,19 @@
 """Hostfiles (``HOST slots=N`` lines, deepspeed/MPI style) and deepspeed's ``--include`` /
-``--exclude`` resource filters."""
+``--exclude`` resource filters.
+
+The result of every reading comes from the deepspeed launcher's own functions
+(``deepspeed.launcher.runner``), so our view of the hosts and slots cannot drift from what the
+launcher will do; our own checks run first only to give each mistake a message that names the
+line, host or slot (deepspeed's messages do not).
+"""
 from __future__ import annotations
 
 import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
+
+from deepspeed.launcher.runner import _parse_hostfile, apply_num_nodes_and_gpus, parse_inclusion_exclusion
 
 from ..errors import ConfigError
 
@@ -37,7 +45,11 @@ def parse_hostfile_text(text: str, source: str = "--hostfile") -> dict[str, int]
         first_line[host] = number
     if not hosts:
         raise ConfigError(f"{source}: no hosts found; expected lines like 'worker-1 slots=8'")
-    return hosts
+    try:
+        parsed = _parse_hostfile(text.splitlines())
+    except ValueError as e:  # a rule of deepspeed's that the checks above do not know yet
+        raise ConfigError(f"{source}: {e}") from None
+    return dict(parsed)
 
 
 def read_hostfile(path: str | os.PathLike) -> dict[str, int]:
@@ -54,7 +66,8 @@ def format_hostfile(hosts: Mapping[str, int]) -> str:
 def parse_resource_filter(spec: str, hosts: Mapping[str, int], flag: str) -> dict[str, list[int]]:
     """Check a deepspeed ``--include``/``--exclude`` value (``worker-0@worker-1:0,2``) against the
     hostfile and return host -> slots named (all slots when none are). The launcher passes the
-    string on unchanged; this only makes its mistakes fail here, before anything starts."""
+    string on unchanged; this only makes its mistakes fail here, before anything starts, with a
+    message naming the host or slot. :func:`active_slots` gives what deepspeed will use."""
     if not spec.strip():
         raise ConfigError(f"{flag} is empty; expected HOST[:SLOT[,SLOT...]][@HOST...] (e.g. worker-1:0,1)")
     chosen: dict[str, list[int]] = {}
@@ -78,3 +91,19 @@ def parse_resource_filter(spec: str, hosts: Mapping[str, int], flag: str) -> dic
             slots.append(int(item))
         chosen[host] = sorted(set(chosen.get(host, []) + slots))
     return chosen
+
+
+def active_slots(hosts: Mapping[str, int], include: str | None = None, exclude: str | None = None,
+                 num_nodes: int | None = None, num_gpus: int | None = None) -> dict[str, list[int]]:
+    """Host -> slots the deepspeed launcher will use, computed by its own functions
+    (``parse_inclusion_exclusion`` and ``apply_num_nodes_and_gpus``, as ``deepspeed.launcher.runner.main``
+    calls them), after our checks of each filter."""
+    for flag, spec in (("--include", include), ("--exclude", exclude)):
+        if spec is not None:
+            parse_resource_filter(spec, hosts, flag)
+    try:
+        active = parse_inclusion_exclusion(dict(hosts), include or "", exclude or "")
+    except ValueError as e:
+        raise ConfigError(f"--include/--exclude: {e}") from None
+    active = apply_num_nodes_and_gpus(active, num_nodes or -1, num_gpus or -1)
+    return {host: list(slots) for host, slots in active.items()}

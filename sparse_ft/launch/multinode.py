@@ -2,16 +2,17 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
-from .common import (DEFAULT_MASTER_PORT, LaunchPlan, _add_train_arguments, _entry, check_address, check_port,
-                     check_positive, deepspeed_env_path, merged_deepspeed_env, parse_env_pairs, train_arguments,
-                     train_script)
-from .hostfile import parse_resource_filter, read_hostfile
-
+from ..training.jobstatus import EXIT_STATUS_FILE
+from .common import (LaunchPlan, _add_train_arguments, _entry, check_address, check_port, check_positive,
+                     deepspeed_env_path, deepspeed_env_text, free_port, parse_env_pairs, run_directory,
+                     train_arguments, train_script)
+from .hostfile import active_slots, read_hostfile
 
 
 @dataclass
@@ -25,21 +26,19 @@ class DeepSpeedLaunch:
     num_gpus: int | None = None
     master_addr: str | None = None
     master_port: int | None = None
+    force_multi: bool = False
+    """Launch over ssh even when one host is left: without it deepspeed runs a single remaining
+    host's share on the launching machine instead (set by :func:`check_deepspeed_launch`)."""
 
 
-def check_deepspeed_launch(launch: DeepSpeedLaunch, hosts: Mapping[str, int]) -> None:
-    """The deepspeed runner's own rules, checked before anything starts."""
+def check_deepspeed_launch(launch: DeepSpeedLaunch, hosts: Mapping[str, int]) -> dict[str, list[int]]:
+    """The deepspeed runner's own rules, checked before anything starts; returns the host -> slots
+    it will use (computed by deepspeed's functions, see :func:`.hostfile.active_slots`)."""
     if launch.include is not None and launch.exclude is not None:
         raise ConfigError("--include and --exclude cannot be combined (the deepspeed launcher rejects it)")
     if (launch.include is not None or launch.exclude is not None) and (launch.num_gpus or launch.num_nodes):
         raise ConfigError("--num-gpus/--num-nodes cannot be combined with --include/--exclude "
                           "(the deepspeed launcher rejects it); say which slots with --include instead")
-    if launch.include is not None:
-        parse_resource_filter(launch.include, hosts, "--include")
-    if launch.exclude is not None:
-        excluded = parse_resource_filter(launch.exclude, hosts, "--exclude")
-        if all(len(excluded.get(h, [])) == n for h, n in hosts.items()):
-            raise ConfigError(f"--exclude {launch.exclude!r} excludes every slot in the hostfile")
     if launch.num_nodes is not None:
         check_positive(launch.num_nodes, "--num-nodes")
         if launch.num_nodes > len(hosts):
@@ -54,6 +53,12 @@ def check_deepspeed_launch(launch: DeepSpeedLaunch, hosts: Mapping[str, int]) ->
         check_address(launch.master_addr)
     if launch.master_port is not None:
         check_port(launch.master_port)
+    active = active_slots(hosts, launch.include, launch.exclude, launch.num_nodes, launch.num_gpus)
+    if not active:
+        raise ConfigError(f"--exclude {launch.exclude!r} excludes every slot in the hostfile")
+    if len(active) == 1:
+        launch.force_multi = True
+    return active
 
 
 def deepspeed_command(launch: DeepSpeedLaunch, train_args: Sequence[str]) -> list[str]:
@@ -63,20 +68,28 @@ def deepspeed_command(launch: DeepSpeedLaunch, train_args: Sequence[str]) -> lis
                         ("--master_addr", launch.master_addr), ("--master_port", launch.master_port)):
         if value is not None:
             command += [flag, str(value)]
+    if launch.force_multi:
+        command.append("--force_multi")
     return [*command, train_script(), *train_args]
 
 
 def deepspeed_plan(launch: DeepSpeedLaunch, hosts: Mapping[str, int], train_args: Sequence[str],
                    env: Mapping[str, str], extra_files: Mapping[Path, str] | None = None) -> LaunchPlan:
-    """``env`` goes to ``.deepspeed_env`` (the deepspeed runner exports it on every node) and to
-    the launcher's own environment (a launch that ends up on one host never reads the file)."""
-    check_deepspeed_launch(launch, hosts)
-    files = dict(extra_files or {})
-    if env:
-        path = deepspeed_env_path()
-        files[path] = merged_deepspeed_env(path, env)
-    return LaunchPlan(deepspeed_command(launch, train_args), dict(env), files)
-
+    """``env`` goes to the run's own env file, ``<output_dir>/launch/deepspeed_env``, which the
+    deepspeed runner reads (as ``DS_ENV_FILE``) and exports on every node; and to the launcher's
+    own environment. Without ``--master-port`` a free port of this machine is chosen, so two jobs
+    launched from here never share a rendezvous."""
+    active = check_deepspeed_launch(launch, hosts)
+    if launch.master_port is None:
+        launch.master_port = free_port()
+    if launch.force_multi:
+        print(f"{sys.argv[0]}: one host left ({next(iter(active))}): launching on it over ssh (--force_multi), "
+              "not on this machine", file=sys.stderr)
+    run_dir = run_directory(train_args)
+    env_file = deepspeed_env_path(run_dir)
+    files = {env_file: deepspeed_env_text(env), **(extra_files or {})}
+    return LaunchPlan(deepspeed_command(launch, train_args), {"DS_ENV_FILE": str(env_file), **env}, files,
+                      status_file=run_dir / EXIT_STATUS_FILE)
 
 
 def _multinode_parser(prog: str) -> argparse.ArgumentParser:
@@ -84,7 +97,7 @@ def _multinode_parser(prog: str) -> argparse.ArgumentParser:
                                      "deepspeed launcher (pdsh/ssh to the hosts of a hostfile).")
     parser.add_argument("--hostfile", required=True, help="lines 'HOST slots=N'; '#' comments allowed")
     parser.add_argument("--master-addr", help="address of the first node (default: deepspeed asks it over ssh)")
-    parser.add_argument("--master-port", type=int, help=f"rendezvous port (deepspeed default {DEFAULT_MASTER_PORT})")
+    parser.add_argument("--master-port", type=int, help="rendezvous port (default: a free port of this machine)")
     parser.add_argument("--include", help="deepspeed resource filter, e.g. worker-1:0,1@worker-2")
     parser.add_argument("--exclude", help="deepspeed resource filter of slots not to use")
     parser.add_argument("--num-nodes", type=int, help="use the first N hosts of the hostfile")
@@ -101,7 +114,6 @@ def build_multinode(args: argparse.Namespace) -> LaunchPlan:
                              num_nodes=args.num_nodes, num_gpus=args.num_gpus, master_addr=args.master_addr,
                              master_port=args.master_port)
     return deepspeed_plan(launch, hosts, train_args, env)
-
 
 
 def multinode_main(argv: Sequence[str] | None = None) -> int:

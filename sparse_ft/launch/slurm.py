@@ -7,14 +7,17 @@ import itertools
 import os
 import re
 import shutil
+import socket
 import subprocess
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
-from .common import (DEFAULT_MASTER_PORT, LaunchPlan, _add_train_arguments, _entry, check_port, check_positive,
-                     parse_env_pairs, train_arguments, train_script)
+from ..training.jobstatus import EXIT_STATUS_FILE
+from .common import (LaunchPlan, _add_train_arguments, _entry, check_port, check_positive, launch_dir,
+                     parse_env_pairs, port_in_use, run_directory, train_arguments, train_script)
 from .hostfile import format_hostfile
 from .multinode import DeepSpeedLaunch, deepspeed_plan
 
@@ -134,6 +137,30 @@ class SlurmJob:
                    environ.get("SLURM_CPUS_PER_TASK") or None)
 
 
+PORT_RANGE = (20000, 30000)
+"""Rendezvous ports of SLURM jobs: ``PORT_RANGE[0] + job id mod the range's width``, then the next
+free one. Below Linux's ephemeral range (32768-60999), so no outgoing connection holds them."""
+
+
+def job_port(job_id: str, in_use: Callable[[int], bool] | None = None) -> int:
+    """The job's rendezvous port, derived from its id so that jobs sharing nodes differ; ``in_use``
+    (a check on the first node) moves it on to the next free port in :data:`PORT_RANGE`."""
+    lo, hi = PORT_RANGE
+    digits = "".join(c for c in job_id if c.isdigit()) or "0"  # array jobs: 1234_7
+    start = int(digits) % (hi - lo)
+    for step in range(hi - lo):
+        port = lo + (start + step) % (hi - lo)
+        if in_use is None or not in_use(port):
+            return port
+    raise ConfigError(f"no free port in {lo}-{hi - 1} on this node for the rendezvous; pass --master-port")
+
+
+def on_first_host(job: SlurmJob) -> bool:
+    """Whether this process runs on the job's first node, which hosts the rendezvous (the batch
+    step does)."""
+    return socket.gethostname().split(".")[0] == job.hosts[0].split(".")[0]
+
+
 def slurm_torchrun_command(job: SlurmJob, port: int, train_args: Sequence[str]) -> list[str]:
     """One torchrun per node through srun, meeting at a c10d rendezvous on the first host.
     torchrun orders nodes by host name, so the same hosts get the same node ranks on a rerun."""
@@ -148,13 +175,18 @@ def slurm_torchrun_command(job: SlurmJob, port: int, train_args: Sequence[str]) 
     return [*srun, *torchrun, train_script(), *train_args]
 
 
-def slurm_plan(job: SlurmJob, launcher: str, port: int, train_args: Sequence[str], env: Mapping[str, str],
+def slurm_plan(job: SlurmJob, launcher: str, port: int | None, train_args: Sequence[str], env: Mapping[str, str],
                hostfile_out: str | None) -> LaunchPlan:
+    """``port`` None: :func:`job_port` (checked free when this is the first node)."""
+    if port is None:
+        port = job_port(job.job_id, port_in_use if on_first_host(job) else None)
+    run_dir = run_directory(train_args)
     if launcher == "torchrun":
         # srun exports the caller's whole environment to every node, so env needs no file.
-        return LaunchPlan(slurm_torchrun_command(job, port, train_args), dict(env))
+        return LaunchPlan(slurm_torchrun_command(job, port, train_args), dict(env),
+                          status_file=run_dir / EXIT_STATUS_FILE)
     hosts = {host: job.gpus_per_node for host in job.hosts}
-    hostfile = hostfile_out or f"hostfile.{job.job_id}"
+    hostfile = hostfile_out or str(launch_dir(run_dir) / f"hostfile.{job.job_id}")
     launch = DeepSpeedLaunch(hostfile=hostfile, master_addr=job.hosts[0], master_port=port)
     return deepspeed_plan(launch, hosts, train_args, env, {Path(hostfile): format_hostfile(hosts)})
 
@@ -167,8 +199,10 @@ def _slurm_parser(prog: str) -> argparse.ArgumentParser:
                         help="torchrun: srun starts one torchrun per node, no ssh needed (default); deepspeed: "
                              "write a hostfile and run the deepspeed launcher, which needs pdsh and ssh between nodes")
     parser.add_argument("--gpus-per-node", type=int, help="default: SLURM_GPUS_ON_NODE")
-    parser.add_argument("--master-port", type=int, default=DEFAULT_MASTER_PORT, help="rendezvous port on the first node")
-    parser.add_argument("--hostfile-out", help="deepspeed: where to write the hostfile (default hostfile.$SLURM_JOB_ID)")
+    parser.add_argument("--master-port", type=int, help=f"rendezvous port on the first node (default: "
+                        f"{PORT_RANGE[0]} + SLURM_JOB_ID mod {PORT_RANGE[1] - PORT_RANGE[0]}, the next free one if taken)")
+    parser.add_argument("--hostfile-out", help="deepspeed: where to write the hostfile "
+                        "(default <train.output_dir>/launch/hostfile.$SLURM_JOB_ID)")
     _add_train_arguments(parser)
     return parser
 

@@ -6,10 +6,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import ConfigError
+from ..training.jobstatus import EXIT_STATUS_FILE
 from .common import (DEFAULT_MASTER_PORT, LaunchPlan, _add_train_arguments, _entry, check_address, check_port,
-                     check_positive, parse_env_pairs, train_arguments, train_script)
-
-
+                     check_positive, parse_env_pairs, run_directory, train_arguments, train_script)
 
 def check_nproc(nproc: str, flag: str = "--nproc-per-node") -> str:
     if nproc in ("gpu", "auto", "cpu") or (nproc.isdigit() and int(nproc) >= 1):
@@ -61,7 +60,8 @@ def _torchrun_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--nnodes", type=int, default=1, help="number of nodes")
     parser.add_argument("--node-rank", type=int, help="this node's rank, 0..nnodes-1 (required with --nnodes > 1)")
     parser.add_argument("--master-addr", help="address of node rank 0 (required with --nnodes > 1)")
-    parser.add_argument("--master-port", type=int, help=f"port on node rank 0 (default {DEFAULT_MASTER_PORT})")
+    parser.add_argument("--master-port", type=int, help=f"port on node rank 0, the same on every node (default {DEFAULT_MASTER_PORT}; "
+                        "node rank 0 refuses a port that is in use: give each concurrent job its own)")
     _add_train_arguments(parser)
     return parser
 
@@ -71,7 +71,12 @@ def build_torchrun(args: argparse.Namespace) -> LaunchPlan:
     train_args = train_arguments(args.config, args.overrides, args.node_local_checkpoints)
     launch = TorchrunLaunch(nproc_per_node=args.nproc_per_node, nnodes=args.nnodes, node_rank=args.node_rank,
                             master_addr=args.master_addr, master_port=args.master_port)
-    return LaunchPlan(torchrun_command(launch, train_args), env)
+    plan = LaunchPlan(torchrun_command(launch, train_args), env, status_file=run_directory(train_args) / EXIT_STATUS_FILE)
+    if launch.nnodes > 1 and (launch.node_rank or 0) == 0:
+        # Node rank 0 hosts the rendezvous: a port already held here is another job's, which
+        # torchrun would silently join.
+        plan.free_port_required = launch.master_port or DEFAULT_MASTER_PORT
+    return plan
 
 
 

@@ -42,6 +42,8 @@ def workdir(tmp_path, monkeypatch):
         raise Launched(command)
 
     monkeypatch.setattr(common, "_launch", no_launch)
+    # The default rendezvous port of a deepspeed launch is a free port of this machine.
+    monkeypatch.setattr(multinode, "free_port", lambda: 29555)
     return tmp_path
 
 
@@ -101,33 +103,39 @@ def test_multinode_dry_run_prints_env_file_and_exact_command(hostfile, config, c
         "--master-port", "29600", "--env", "NCCL_SOCKET_IFNAME=eth0", "--env", "NCCL_IB_DISABLE=1",
         "--dry-run", "--config", "run.yaml", "train.lr=1e-2"], capsys)
     assert (code, err) == (0, "")
+    env_file = workdir / "runs/default/launch/deepspeed_env"  # the run's own, under train.output_dir
     assert out == (
-        "# .deepspeed_env\nNCCL_SOCKET_IFNAME=eth0\nNCCL_IB_DISABLE=1\n"
+        "# runs/default/launch/deepspeed_env\nNCCL_SOCKET_IFNAME=eth0\nNCCL_IB_DISABLE=1\n"
         "# command\n"
-        "NCCL_SOCKET_IFNAME=eth0 NCCL_IB_DISABLE=1 deepspeed --hostfile hostfile --include worker-1:0,1@worker-2 "
+        f"DS_ENV_FILE={env_file} NCCL_SOCKET_IFNAME=eth0 NCCL_IB_DISABLE=1 deepspeed --hostfile hostfile "
+        "--include worker-1:0,1@worker-2 "
         f"--master_addr 10.0.0.1 --master_port 29600 {TRAIN} --config run.yaml train.lr=1e-2\n")
-    assert not (workdir / ".deepspeed_env").exists(), "a dry run writes nothing"
+    assert not (workdir / "runs").exists(), "a dry run writes nothing"
 
 
 def test_multinode_plan_command_list(hostfile, config):
     launch = multinode.DeepSpeedLaunch(hostfile="hostfile", num_nodes=2, num_gpus=4)
     plan = multinode.deepspeed_plan(launch, hostfiles.read_hostfile("hostfile"), ["--config", "run.yaml"], {})
-    assert plan.command == ["deepspeed", "--hostfile", "hostfile", "--num_nodes", "2", "--num_gpus", "4", TRAIN,
-                            "--config", "run.yaml"]
-    assert plan.env == {} and plan.files == {}
+    assert plan.command == ["deepspeed", "--hostfile", "hostfile", "--num_nodes", "2", "--num_gpus", "4",
+                            "--master_port", "29555", TRAIN, "--config", "run.yaml"]
+    env_file = Path("runs/default/launch/deepspeed_env").resolve()
+    assert plan.env == {"DS_ENV_FILE": str(env_file)} and plan.files == {env_file: ""}
+    assert plan.status_file == Path("runs/default/exit_status.json")
 
 
-def test_multinode_runs_merges_env_file_and_returns_exit_code(hostfile, config, capsys, workdir, fake_run):
+def test_multinode_writes_the_runs_own_env_file_and_returns_exit_code(hostfile, config, capsys, workdir, fake_run):
+    # A stale file where deepspeed looks by default is never read: DS_ENV_FILE names the run's own.
     (workdir / ".deepspeed_env").write_text("OMP_NUM_THREADS=4\nNCCL_IB_DISABLE=0\n")
     fake_run.code = 3
     code, _, err = call(multinode_main, ["--hostfile", "hostfile", "--env", "NCCL_IB_DISABLE=1",
                                          "--config", "run.yaml"], capsys)
     assert code == 3
-    assert (workdir / ".deepspeed_env").read_text() == "OMP_NUM_THREADS=4\nNCCL_IB_DISABLE=1\n"
+    env_file = workdir / "runs/default/launch/deepspeed_env"
+    assert env_file.read_text() == "NCCL_IB_DISABLE=1\n"
     [(command, env)] = fake_run
-    assert command == ["deepspeed", "--hostfile", "hostfile", TRAIN, "--config", "run.yaml"]
-    assert env["NCCL_IB_DISABLE"] == "1"
-    assert "NCCL_IB_DISABLE=1 deepspeed --hostfile hostfile" in err
+    assert command == ["deepspeed", "--hostfile", "hostfile", "--master_port", "29555", TRAIN, "--config", "run.yaml"]
+    assert env["NCCL_IB_DISABLE"] == "1" and env["DS_ENV_FILE"] == str(env_file)
+    assert f"DS_ENV_FILE={env_file} NCCL_IB_DISABLE=1 deepspeed --hostfile hostfile" in err
 
 
 def test_killed_launch_reports_128_plus_signal(hostfile, config, capsys, fake_run):
@@ -145,7 +153,8 @@ def test_script_path_is_relative_when_run_from_the_repository(hostfile, config, 
     monkeypatch.chdir(ROOT)
     code, out, _ = call(multinode_main, ["--hostfile", hostfile, "--dry-run", "--config", config], capsys)
     assert code == 0
-    assert out.splitlines()[-1] == f"deepspeed --hostfile {hostfile} launch/train.py --config {config}"
+    assert out.splitlines()[-1].endswith(f"deepspeed --hostfile {hostfile} --master_port 29555 launch/train.py "
+                                         f"--config {config}")
 
 
 # --------------------------------------------------------------------------- node-local checkpoints
@@ -214,7 +223,7 @@ def test_slurm_torchrun_dry_run(config, capsys, monkeypatch):
     code, out, _ = call(slurm_main, ["--dry-run", "--config", "run.yaml", "train.lr=1e-2"], capsys)
     assert code == 0
     assert out == ("# command\nsrun --nodes=2 --ntasks-per-node=1 --kill-on-bad-exit=1 torchrun --nnodes 2 "
-                   "--nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint gpu001:29500 --rdzv_id 4242 "
+                   "--nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint gpu001:24242 --rdzv_id 4242 "
                    f"{TRAIN} --config run.yaml train.lr=1e-2\n")
 
 
@@ -233,10 +242,12 @@ def test_slurm_deepspeed_dry_run_prints_hostfile_and_command(config, capsys, mon
     code, out, _ = call(slurm_main, ["--launcher", "deepspeed", "--dry-run", "--config", "run.yaml", "train.lr=1e-2"],
                         capsys)
     assert code == 0
-    assert out == ("# hostfile.4242\ngpu001 slots=8\ngpu002 slots=8\n"
-                   "# command\ndeepspeed --hostfile hostfile.4242 --master_addr gpu001 --master_port 29500 "
+    env_file = workdir / "runs/default/launch/deepspeed_env"
+    assert out == ("# runs/default/launch/deepspeed_env\n# runs/default/launch/hostfile.4242\ngpu001 slots=8\ngpu002 slots=8\n"
+                   f"# command\nDS_ENV_FILE={env_file} deepspeed --hostfile runs/default/launch/hostfile.4242 "
+                   "--master_addr gpu001 --master_port 24242 "
                    f"{TRAIN} --config run.yaml train.lr=1e-2\n")
-    assert not (workdir / "hostfile.4242").exists()
+    assert not (workdir / "runs").exists()
 
 
 def test_slurm_deepspeed_writes_hostfile_and_env_file_when_run(config, capsys, monkeypatch, workdir, fake_run):
@@ -245,7 +256,7 @@ def test_slurm_deepspeed_writes_hostfile_and_env_file_when_run(config, capsys, m
                                    "--env", "NCCL_IB_DISABLE=1", "--config", "run.yaml"], capsys)
     assert code == 0
     assert (workdir / "hosts.txt").read_text() == "gpu001 slots=4\ngpu002 slots=4\n"
-    assert (workdir / ".deepspeed_env").read_text() == "NCCL_IB_DISABLE=1\n"
+    assert (workdir / "runs/default/launch/deepspeed_env").read_text() == "NCCL_IB_DISABLE=1\n"
     assert fake_run[0][0][:3] == ["deepspeed", "--hostfile", "hosts.txt"]
 
 
@@ -382,12 +393,16 @@ def test_multinode_script_as_subprocess(tmp_path):
     env["PYTHONPATH"] = str(ROOT)
     result = subprocess.run(
         [sys.executable, "launch/multinode.py", "--hostfile", str(tmp_path / "hostfile"), "--include", "worker-1:0,1",
-         "--env", "NCCL_IB_DISABLE=1", "--dry-run", "--config", str(tmp_path / "run.yaml"), "train.lr=1e-2"],
+         "--master-port", "29600", "--env", "NCCL_IB_DISABLE=1", "--dry-run", "--config", str(tmp_path / "run.yaml"),
+         f"train.output_dir={tmp_path}/run", "train.lr=1e-2"],
         cwd=ROOT, env=env, text=True, capture_output=True, timeout=120)
     assert result.returncode == 0, result.stderr
+    # One host left: deepspeed is told to ssh to it anyway (--force_multi), and says so.
+    assert "one host left (worker-1): launching on it over ssh" in result.stderr
     assert result.stdout.splitlines()[-1] == (
-        f"NCCL_IB_DISABLE=1 deepspeed --hostfile {tmp_path}/hostfile --include worker-1:0,1 "
-        f"launch/train.py --config {tmp_path}/run.yaml train.lr=1e-2")
+        f"DS_ENV_FILE={tmp_path}/run/launch/deepspeed_env NCCL_IB_DISABLE=1 deepspeed --hostfile {tmp_path}/hostfile "
+        f"--include worker-1:0,1 --master_port 29600 --force_multi "
+        f"launch/train.py --config {tmp_path}/run.yaml train.output_dir={tmp_path}/run train.lr=1e-2")
 
 
 def run_script(name: str, argv: list, monkeypatch, capsys) -> tuple[int, str, str]:
@@ -424,7 +439,7 @@ def test_slurm_script_dry_run(config, monkeypatch, capsys):
     assert code == 0, err
     assert out.splitlines()[-1] == (
         "srun --nodes=2 --ntasks-per-node=1 --kill-on-bad-exit=1 torchrun --nnodes 2 --nproc_per_node 8 "
-        "--rdzv_backend c10d --rdzv_endpoint gpu001:29500 --rdzv_id 99 launch/train.py "
+        "--rdzv_backend c10d --rdzv_endpoint gpu001:20099 --rdzv_id 99 launch/train.py "
         f"--config {config} deepspeed.overrides.checkpoint.use_node_local_storage=true")
 
 
