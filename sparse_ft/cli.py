@@ -18,6 +18,15 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _output_dir_or_none(config: str, overrides: list[str]):
+    from .config import output_dir_of
+
+    try:
+        return output_dir_of(config, overrides)
+    except Exception:  # noqa: BLE001 - the config's own error is the one to report
+        return None
+
+
 def train_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sparse-ft train", description="Fine-tune a causal LM with a sparse method.")
     parser.add_argument("--config", required=True, help="YAML config (sections: model, method, task, train, deepspeed)")
@@ -32,7 +41,8 @@ def train_main(argv: list[str] | None = None) -> int:
     try:
         run = load_config(args.config, args.overrides)
     except Exception as error:
-        report_before_start(error)  # under a multi-node launcher: the other ranks stop too
+        # Under a multi-node launcher the other ranks stop too; exit_status.json goes to the run dir.
+        report_before_start(error, _output_dir_or_none(args.config, args.overrides))
         raise
     from .training.guard import EXIT_DIVERGED
     from .training.trainer import train

@@ -12,6 +12,7 @@ import difflib
 import os
 import typing
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -337,6 +338,16 @@ def from_dict(tree: dict) -> RunConfig:
                     method=config_from_dict(tree.get("method") or {"name": "random_mask"}))
     validate(run)
     return run
+
+
+def output_dir_of(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Path:
+    """``train.output_dir`` of a config file with overrides, without building or checking the rest
+    (launchers and error reports need the run directory of a config that may not validate)."""
+    tree = yaml.safe_load(Path(path).read_text()) or {}
+    for key, value in parse_overrides(list(overrides)):
+        set_dotted(tree, key, value)
+    train = tree.get("train") if isinstance(tree, dict) else None
+    return Path(str((train if isinstance(train, dict) else {}).get("output_dir") or TrainConfig.output_dir))
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> RunConfig:

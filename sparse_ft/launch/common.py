@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import SECTIONS, TrainConfig, _section, parse_overrides, set_dotted
+from ..config import SECTIONS, _section, output_dir_of, parse_overrides, set_dotted
 from ..errors import ConfigError
 from ..methods import config_from_dict
 from ..training.jobstatus import EXIT_STATUS_FILE, failure_message, read_exit_status
@@ -46,6 +46,8 @@ class LaunchPlan:
     status_file: Path | None = None
     """The run's ``exit_status.json``: its code replaces the launcher's when the launch fails
     (torchrun and srun report every failure as 1)."""
+    directories: list[Path] = field(default_factory=list)
+    """Created before the launch (e.g. where sbatch writes its output)."""
     free_port_required: int | None = None
     """A rendezvous port this machine will host: checked free just before the launch."""
 
@@ -183,11 +185,7 @@ def train_arguments(config: str, overrides: Sequence[str], node_local_checkpoint
 
 def run_directory(train_args: Sequence[str]) -> Path:
     """``train.output_dir`` as ``train.py`` will see it with these arguments (from :func:`train_arguments`)."""
-    config, overrides = train_args[1], train_args[2:]
-    tree = yaml.safe_load(Path(config).read_text()) or {}
-    for key, value in parse_overrides(overrides):
-        set_dotted(tree, key, value)
-    return Path(str((tree.get("train") or {}).get("output_dir") or TrainConfig.output_dir))
+    return output_dir_of(train_args[1], train_args[2:])
 
 
 def train_script() -> str:
@@ -209,6 +207,8 @@ def run_plan(plan: LaunchPlan, dry_run: bool) -> int:
     if plan.free_port_required is not None and port_in_use(plan.free_port_required):
         raise ConfigError(f"rendezvous port {plan.free_port_required} is in use on this machine (another job's "
                           "rendezvous?); pass a different --master-port (the same on every node)")
+    for directory in plan.directories:
+        directory.mkdir(parents=True, exist_ok=True)
     for path, text in plan.files.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)

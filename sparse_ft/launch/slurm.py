@@ -16,8 +16,8 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..training.jobstatus import EXIT_STATUS_FILE
-from .common import (LaunchPlan, _add_train_arguments, _entry, check_port, check_positive, launch_dir,
-                     parse_env_pairs, port_in_use, run_directory, train_arguments, train_script)
+from .common import (REPO_ROOT, LaunchPlan, _add_train_arguments, _entry, check_port, check_positive, display_path,
+                     launch_dir, parse_env_pairs, port_in_use, run_directory, run_plan, train_arguments, train_script)
 from .hostfile import format_hostfile
 from .multinode import DeepSpeedLaunch, deepspeed_plan
 
@@ -217,3 +217,155 @@ def build_slurm(args: argparse.Namespace, environ: Mapping[str, str] | None = No
 
 def slurm_main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     return _entry(_slurm_parser("launch/slurm.py"), lambda args: build_slurm(args, environ), argv)
+
+
+# --------------------------------------------------------------------------- submitting
+
+
+@dataclass
+class SlurmResources:
+    """What ``launch/slurm_submit.py`` asks sbatch for; every default is printed by ``--dry-run``."""
+
+    nodes: int = 2
+    gpus_per_node: int = 8
+    procs_per_node: int | None = None
+    """Training processes per node (default: ``gpus_per_node``; required when that is 0)."""
+    cpus_per_task: int = 16
+    partition: str | None = None
+    time: str | None = None
+    account: str | None = None
+
+
+@dataclass
+class PartitionSize:
+    """The largest node of a partition and how many nodes it has, from ``sinfo``."""
+
+    name: str
+    nodes: int
+    cpus: int
+    gpus: int
+
+
+def parse_sinfo(text: str) -> dict[str, PartitionSize]:
+    """``sinfo -h -o '%P|%D|%c|%G'`` lines to partition -> sizes (lines of one partition with
+    different node kinds add their nodes and keep the largest node)."""
+    out: dict[str, PartitionSize] = {}
+    for line in text.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) != 4:
+            continue
+        name, nodes, cpus, gres = (p.strip() for p in parts)
+        name = name.rstrip("*")
+        gpus = max([int(m) for m in re.findall(r"gpu(?::[^:,()]+)?:(\d+)", gres)] or [0])
+        cpu_count = int(re.match(r"\d*", cpus).group() or 0)
+        size = PartitionSize(name, int(nodes) if nodes.isdigit() else 0, cpu_count, gpus)
+        if name in out:
+            old = out[name]
+            size = PartitionSize(name, old.nodes + size.nodes, max(old.cpus, size.cpus), max(old.gpus, size.gpus))
+        out[name] = size
+    return out
+
+
+def default_partition(text: str) -> str | None:
+    for line in text.splitlines():
+        name = line.split("|", 1)[0].strip()
+        if name.endswith("*"):
+            return name[:-1]
+    return None
+
+
+def fit_problems(res: SlurmResources, sinfo_text: str) -> list[str]:
+    """Why the request cannot run on the partition, judged from ``sinfo`` output (empty: it fits)."""
+    sizes = parse_sinfo(sinfo_text)
+    name = res.partition or default_partition(sinfo_text)
+    if name is None:
+        return ["sinfo shows no default partition; pass --partition"]
+    if name not in sizes:
+        return [f"partition {name!r} does not exist (sinfo lists: {', '.join(sizes) or 'none'})"]
+    part, problems = sizes[name], []
+    if res.nodes > part.nodes:
+        problems.append(f"--nodes {res.nodes} but partition {name} has {part.nodes} nodes")
+    if res.cpus_per_task > part.cpus:
+        problems.append(f"--cpus-per-task {res.cpus_per_task} but the largest node of {name} has {part.cpus} CPUs")
+    if res.gpus_per_node > part.gpus:
+        problems.append(f"--gpus-per-node {res.gpus_per_node} but the nodes of {name} have "
+                        f"{part.gpus or 'no'} GPUs (sinfo GRES)")
+    return problems
+
+
+def sbatch_command(res: SlurmResources, run_dir: Path, slurm_args: Sequence[str]) -> list[str]:
+    procs = res.procs_per_node if res.procs_per_node is not None else res.gpus_per_node
+    command = ["sbatch", f"--nodes={res.nodes}", "--ntasks-per-node=1", f"--cpus-per-task={res.cpus_per_task}"]
+    if res.gpus_per_node:
+        command.append(f"--gpus-per-node={res.gpus_per_node}")
+    for flag, value in (("--partition", res.partition), ("--time", res.time), ("--account", res.account)):
+        if value:
+            command.append(f"{flag}={value}")
+    command.append(f"--output={run_dir / 'slurm-%j.out'}")
+    return [*command, display_path(SBATCH_TEMPLATE), "--gpus-per-node", str(procs), *slurm_args]
+
+
+SBATCH_TEMPLATE = REPO_ROOT / "launch" / "slurm_train.sbatch"
+
+
+def _submit_parser(prog: str) -> argparse.ArgumentParser:
+    defaults = SlurmResources()
+    parser = argparse.ArgumentParser(prog=prog, description="Submit launch/slurm_train.sbatch with the resources "
+                                     "given here (defaults shown by --dry-run), after checking with sinfo that "
+                                     "the partition can hold them. Other arguments go to launch/slurm.py.")
+    parser.add_argument("--nodes", type=int, default=defaults.nodes, help=f"nodes (default {defaults.nodes})")
+    parser.add_argument("--gpus-per-node", type=int, default=defaults.gpus_per_node,
+                        help=f"GPUs per node, 0 for none (default {defaults.gpus_per_node})")
+    parser.add_argument("--procs-per-node", type=int, help="training processes per node (default: --gpus-per-node)")
+    parser.add_argument("--cpus-per-task", type=int, default=defaults.cpus_per_task,
+                        help=f"CPUs for each node's task (default {defaults.cpus_per_task})")
+    parser.add_argument("--partition", help="default: the cluster's default partition")
+    parser.add_argument("--time", help="time limit, e.g. 24:00:00 (default: the partition's)")
+    parser.add_argument("--account", help="account to charge")
+    parser.add_argument("--force", action="store_true", help="submit even when sinfo says it cannot fit")
+    return parser
+
+
+def build_submit(args: argparse.Namespace, slurm_args: list[str]) -> tuple[LaunchPlan, list[str]]:
+    """The sbatch plan and the warnings about the partition (empty when it fits or sinfo is absent)."""
+    res = SlurmResources(nodes=check_positive(args.nodes, "--nodes"), gpus_per_node=args.gpus_per_node,
+                         procs_per_node=args.procs_per_node, cpus_per_task=check_positive(args.cpus_per_task,
+                                                                                          "--cpus-per-task"),
+                         partition=args.partition, time=args.time, account=args.account)
+    if res.gpus_per_node < 0:
+        raise ConfigError(f"--gpus-per-node = {res.gpus_per_node}; allowed: 0 or more")
+    if res.gpus_per_node == 0 and res.procs_per_node is None:
+        raise ConfigError("--gpus-per-node 0 needs --procs-per-node N (training processes per node)")
+    if res.procs_per_node is not None:
+        check_positive(res.procs_per_node, "--procs-per-node")
+    # The training arguments, checked as launch/slurm.py will check them on the first node.
+    inner = _slurm_parser("launch/slurm.py").parse_intermixed_args(["--gpus-per-node", "1", *slurm_args])
+    train_args = train_arguments(inner.config, inner.overrides, inner.node_local_checkpoints)
+    run_dir = run_directory(train_args)
+    warnings: list[str] = []
+    if shutil.which("sinfo"):
+        result = subprocess.run(["sinfo", "-h", "-o", "%P|%D|%c|%G"], capture_output=True, text=True)
+        if result.returncode == 0:
+            warnings = fit_problems(res, result.stdout)
+    plan = LaunchPlan(sbatch_command(res, run_dir, slurm_args), directories=[run_dir])  # sbatch's --output
+    return plan, warnings
+
+
+def submit_main(argv: Sequence[str] | None = None) -> int:
+    parser = _submit_parser("launch/slurm_submit.py")
+    args, rest = parser.parse_known_args(argv)
+    dry_run = "--dry-run" in rest
+    rest = [a for a in rest if a != "--dry-run"]
+    try:
+        plan, warnings = build_submit(args, rest)
+        for warning in warnings:
+            print(f"launch/slurm_submit.py: warning: the request cannot run on this cluster: {warning}",
+                  file=sys.stderr)
+        if warnings and not args.force and not dry_run:
+            print("launch/slurm_submit.py: error: not submitted (it would stay PENDING); change the resources "
+                  "or pass --force", file=sys.stderr)
+            return 2
+        return run_plan(plan, dry_run)
+    except ConfigError as e:
+        print(f"launch/slurm_submit.py: error: {e}", file=sys.stderr)
+        return 2

@@ -192,7 +192,8 @@ class JobWatch:
 WATCH = JobWatch()
 
 
-def report_before_start(error: BaseException, timeout_s: float = 120.0) -> None:
+def report_before_start(error: BaseException, output_dir: str | os.PathLike | None,
+                        timeout_s: float = 120.0) -> None:
     """A rank that fails before the process group exists (its config does not load) still joins
     it, briefly, to tell the others; otherwise they would wait for it until the timeout."""
     if torch.distributed.is_initialized() or int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
@@ -204,7 +205,7 @@ def report_before_start(error: BaseException, timeout_s: float = 120.0) -> None:
     except Exception as e:  # noqa: BLE001 - report what we can, keep the original error
         print(f"sparse-ft: could not reach the other ranks to report the error: {e}", file=sys.stderr)
         return
-    WATCH.start(None)
+    WATCH.start(output_dir)
     WATCH.failed(error)
 
 

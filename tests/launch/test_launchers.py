@@ -449,7 +449,7 @@ def test_slurm_script_outside_slurm_exits_2(config, monkeypatch, capsys):
     assert "launch/slurm.py: error: SLURM_JOB_NODELIST is not set" in err
 
 
-@pytest.mark.parametrize("name", ["multinode.py", "torchrun.py", "slurm.py"])
+@pytest.mark.parametrize("name", ["multinode.py", "torchrun.py", "slurm.py", "slurm_submit.py"])
 def test_scripts_start_with_the_command_that_runs_them(name):
     import ast
 
@@ -460,11 +460,173 @@ def test_scripts_start_with_the_command_that_runs_them(name):
 def test_sbatch_template():
     text = (ROOT / "launch" / "slurm_train.sbatch").read_text()
     lines = text.splitlines()
-    assert lines[0] == "#!/bin/bash" and lines[1].startswith("# sbatch launch/slurm_train.sbatch ")
+    assert lines[0] == "#!/bin/bash" and lines[1].startswith("# python launch/slurm_submit.py ")
     directives = [line for line in lines if line.startswith("#SBATCH")]
     assert "#SBATCH --ntasks-per-node=1" in directives
-    assert any(d.startswith("#SBATCH --gpus-per-node=") for d in directives)
+    # Resources come from launch/slurm_submit.py's arguments, not from lines users must edit.
+    assert not any(d.startswith(("#SBATCH --gpus", "#SBATCH --cpus", "#SBATCH --nodes")) for d in directives)
     first_command = next(i for i, line in enumerate(lines) if line.strip() and not line.startswith("#"))
     assert all(lines.index(d) < first_command for d in directives), "sbatch ignores #SBATCH after a command"
     assert 'python launch/slurm.py "$@"' in text
     subprocess.run(["bash", "-n", str(ROOT / "launch" / "slurm_train.sbatch")], check=True)
+
+
+# --------------------------------------------------------------------------- deepspeed's own parsing
+
+
+def test_hostfile_and_filters_agree_with_deepspeeds_runner(hostfile):
+    """What the launcher checks is what deepspeed.launcher.runner will compute (issue 17 part 5)."""
+    from deepspeed.launcher import runner
+
+    hosts = hostfiles.read_hostfile(hostfile)
+    assert hosts == dict(runner.fetch_hostfile(str(hostfile)))
+    for include, exclude in (("worker-1:0,2@worker-2", None), (None, "worker-2:7"), ("worker-2", None)):
+        expected = runner.parse_inclusion_exclusion(runner.fetch_hostfile(str(hostfile)), include or "", exclude or "")
+        assert hostfiles.active_slots(hosts, include, exclude) == {h: list(s) for h, s in expected.items()}
+    assert hostfiles.active_slots(hosts, num_nodes=1, num_gpus=2) == {"worker-1": [0, 1]}
+
+
+@pytest.mark.parametrize("flags", [["--include", "worker-2"], ["--exclude", "worker-1"], ["--num-nodes", "1"]])
+def test_one_host_left_is_launched_over_ssh(hostfile, config, capsys, flags):
+    """deepspeed runs a lone host's share on the launching machine unless told --force_multi."""
+    code, out, err = call(multinode_main, ["--hostfile", "hostfile", *flags, "--dry-run", "--config", "run.yaml"],
+                          capsys)
+    assert code == 0 and "--force_multi" in out.splitlines()[-1].split()
+    assert "one host left" in err
+    code, out, _ = call(multinode_main, ["--hostfile", "hostfile", "--dry-run", "--config", "run.yaml"], capsys)
+    assert "--force_multi" not in out
+
+
+# --------------------------------------------------------------------------- rendezvous ports
+
+
+def test_slurm_jobs_get_different_ports_and_skip_busy_ones():
+    from sparse_ft.launch.slurm import PORT_RANGE, job_port
+
+    ports = {job_port(str(job)) for job in range(1000, 1100)}
+    assert len(ports) == 100 and all(PORT_RANGE[0] <= p < PORT_RANGE[1] for p in ports)
+    assert job_port("4242") == 24242 and job_port("4242_7") == job_port("42427")
+    busy = {24242, 24243}
+    assert job_port("4242", lambda p: p in busy) == 24244
+
+
+def test_slurm_checks_the_port_on_the_first_node(config, capsys, monkeypatch):
+    import socket
+
+    from sparse_ft.launch import slurm
+
+    slurm_env(monkeypatch, nodelist=socket.gethostname(), nnodes="1", job_id="1234")
+    with socket.socket() as held:  # another job's rendezvous on this node
+        held.bind(("", 21234))
+        held.listen()
+        code, out, _ = call(slurm_main, ["--dry-run", "--config", "run.yaml"], capsys)
+    assert code == 0 and "--rdzv_endpoint" in out
+    assert f"{socket.gethostname()}:21235" in out
+    assert slurm.PORT_RANGE == (20000, 30000)
+
+
+def test_torchrun_node0_refuses_a_port_in_use(config, capsys, fake_run):
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        code, _, err = call(torchrun_main, ["--nnodes", "2", "--node-rank", "0", "--master-addr", "127.0.0.1",
+                                            "--master-port", port, "--config", "run.yaml"], capsys)
+    assert code == 2 and f"rendezvous port {port} is in use on this machine" in err
+    assert fake_run == []
+    # Node rank 1 connects to node 0's port: nothing to check there.
+    with socket.socket() as held:
+        held.bind(("", port))
+        held.listen()
+        code, _, _ = call(torchrun_main, ["--nnodes", "2", "--node-rank", "1", "--master-addr", "127.0.0.1",
+                                          "--master-port", port, "--config", "run.yaml"], capsys)
+    assert code == 0 and len(fake_run) == 1
+
+
+# --------------------------------------------------------------------------- exit status
+
+
+class StatusWritingLaunch(FakeLaunch):
+    """A launch that, like a failed training job, writes exit_status.json and exits 1 (torchrun)."""
+
+    def __init__(self, path, record):
+        super().__init__()
+        self.path, self.record, self.code = path, record, 1
+
+    def __call__(self, command, env):
+        import json
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.record))
+        return super().__call__(command, env)
+
+
+@pytest.mark.parametrize("record, expected", [({"exit_code": 2, "rank": 1, "host": "n2", "error": "ConfigError: x"}, 2),
+                                              ({"exit_code": 3}, 3), ({"exit_code": 0}, 1)])
+def test_launchers_return_the_runs_exit_status(config, capsys, monkeypatch, workdir, record, expected):
+    fake = StatusWritingLaunch(workdir / "runs/default/exit_status.json", record)
+    monkeypatch.setattr(common, "_launch", fake)
+    monkeypatch.setattr(common.shutil, "which", lambda name: f"/usr/bin/{name}")
+    code, _, err = call(torchrun_main, ["--nproc-per-node", "2", "--config", "run.yaml"], capsys)
+    assert code == expected
+    if "error" in record:
+        assert "rank 1 on host n2 failed: ConfigError: x" in err
+
+
+def test_a_stale_exit_status_is_ignored(config, capsys, workdir, fake_run):
+    status = workdir / "runs/default/exit_status.json"
+    status.parent.mkdir(parents=True)
+    status.write_text('{"exit_code": 2}')
+    os.utime(status, (1, 1))  # from an earlier run
+    fake_run.code = 1
+    assert call(torchrun_main, ["--nproc-per-node", "2", "--config", "run.yaml"], capsys)[0] == 1
+
+
+# --------------------------------------------------------------------------- slurm_submit.py
+
+
+SINFO = "debug*|2|2|(null)\ngpu|4|64|gpu:a100:8(S:0-1)\ngpu|2|128|gpu:a100:4\n"
+
+
+def test_submit_dry_run_prints_every_resource_with_its_default(config, capsys, monkeypatch):
+    from sparse_ft.launch.slurm import submit_main
+
+    monkeypatch.setattr(common.shutil, "which", lambda name: None)  # no sinfo here
+    code = submit_main(["--dry-run", "--config", "run.yaml", "--launcher", "deepspeed", "train.lr=1e-2"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert out.splitlines()[-1] == (
+        "sbatch --nodes=2 --ntasks-per-node=1 --cpus-per-task=16 --gpus-per-node=8 --output=runs/default/slurm-%j.out "
+        f"{common.REPO_ROOT / 'launch/slurm_train.sbatch'} --gpus-per-node 8 --config run.yaml --launcher deepspeed "
+        "train.lr=1e-2")
+
+
+@pytest.mark.parametrize("args, problems", [
+    (dict(), []),
+    (dict(partition="gpu", nodes=6, cpus_per_task=128, gpus_per_node=8), []),
+    (dict(partition="gpu", nodes=7), ["--nodes 7 but partition gpu has 6 nodes"]),
+    (dict(partition="gpu", gpus_per_node=16), ["--gpus-per-node 16 but the nodes of gpu have 8 GPUs (sinfo GRES)"]),
+    (dict(gpus_per_node=1), ["--gpus-per-node 1 but the nodes of debug have no GPUs (sinfo GRES)"]),
+    (dict(cpus_per_task=4), ["--cpus-per-task 4 but the largest node of debug has 2 CPUs"]),
+    (dict(partition="big"), ["partition 'big' does not exist (sinfo lists: debug, gpu)"]),
+])
+def test_submit_fit_check(args, problems):
+    from sparse_ft.launch.slurm import SlurmResources, fit_problems
+
+    res = SlurmResources(**{"gpus_per_node": 0, "cpus_per_task": 1, **args})
+    assert fit_problems(res, SINFO) == problems
+
+
+def test_submit_refuses_what_cannot_fit(config, capsys, monkeypatch, fake_run):
+    from sparse_ft.launch import slurm
+
+    monkeypatch.setattr(slurm.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(slurm.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, SINFO, ""))
+    code = slurm.submit_main(["--config", "run.yaml"])
+    err = capsys.readouterr().err
+    assert code == 2 and fake_run == []
+    assert "--cpus-per-task 16 but the largest node of debug has 2 CPUs" in err and "not submitted" in err
+    code = slurm.submit_main(["--force", "--config", "run.yaml"])
+    assert code == 0 and fake_run[0][0][0] == "sbatch"
