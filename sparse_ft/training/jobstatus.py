@@ -93,11 +93,15 @@ class JobWatch:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._reported = False
+        self.barrier_group = None
+        self.barrier_timeout_s = 300.0
 
     # -- set-up ----------------------------------------------------------------------------------
-    def start(self, output_dir: str | os.PathLike | None) -> None:
-        """Call right after the process group exists, on every rank."""
+    def start(self, output_dir: str | os.PathLike | None, barrier_timeout_s: float = 300.0) -> None:
+        """Call right after the process group exists, on every rank (it creates the start-up
+        barrier's group: a collective every rank reaches here)."""
         self.output_dir = None if output_dir is None else str(output_dir)
+        self.barrier_group, self.barrier_timeout_s = None, barrier_timeout_s
         self._stop, self._reported, self._thread = threading.Event(), False, None
         if not torch.distributed.is_initialized():
             return
@@ -112,6 +116,9 @@ class JobWatch:
             self.store = None
             return
         self.store.set(HOST_KEY.format(rank=self.rank), self.host)
+        # gloo whatever the backend: monitored_barrier exists only there.
+        self.barrier_group = torch.distributed.new_group(backend="gloo",
+                                                         timeout=datetime.timedelta(seconds=barrier_timeout_s))
         if self.local_rank == 0 and self.output_dir is not None:
             # A status file from an earlier attempt in this directory must not describe this one.
             Path(self.output_dir, EXIT_STATUS_FILE).unlink(missing_ok=True)
@@ -209,13 +216,13 @@ def report_before_start(error: BaseException, output_dir: str | os.PathLike | No
     WATCH.failed(error)
 
 
-def startup_barrier(timeout_s: float, what: str = "loading the model") -> None:
-    """Every rank must arrive within ``timeout_s`` of the first; otherwise fail naming the ranks
-    (and hosts) that did not. On its own gloo group, so it works with any backend."""
-    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+def startup_barrier(what: str = "loading the model") -> None:
+    """Every rank must arrive within ``train.startup_timeout_s`` (given to :meth:`JobWatch.start`)
+    of the first; otherwise fail naming the ranks (and hosts) that did not."""
+    group, timeout_s = WATCH.barrier_group, WATCH.barrier_timeout_s
+    if group is None:
         return
     timeout = datetime.timedelta(seconds=timeout_s)
-    group = torch.distributed.new_group(backend="gloo", timeout=timeout)
     t0 = time.monotonic()
     try:
         torch.distributed.monitored_barrier(group=group, timeout=timeout, wait_all_ranks=True)
@@ -224,11 +231,6 @@ def startup_barrier(timeout_s: float, what: str = "loading the model") -> None:
         named = ", ".join(f"rank {r} on host {WATCH.host_of(r)}" for r in missing) or str(e).splitlines()[0]
         raise RuntimeError(f"start-up barrier after {what}: {named} did not arrive within "
                            f"{time.monotonic() - t0:.0f} s (train.startup_timeout_s = {timeout_s:g})") from None
-    finally:
-        try:
-            torch.distributed.destroy_process_group(group)
-        except Exception:  # noqa: BLE001 - a group torn down by the failure above
-            pass
 
 
 def _ranks_in(message: str) -> list[int]:

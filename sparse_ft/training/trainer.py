@@ -115,7 +115,7 @@ class Trainer:
     def __init__(self, run: RunConfig):
         self.run_config = run
         self.rank, self.world, self.local_rank = runtime.init_distributed(run.train.dist_timeout_s)
-        WATCH.start(run.train.output_dir)
+        WATCH.start(run.train.output_dir, run.train.startup_timeout_s)
         if self.rank != 0:
             logger.setLevel(logging.WARNING)
         # Every rank checks the output directory before any rank writes to it.
@@ -376,7 +376,7 @@ class Trainer:
             (self.output_dir / "run_config.yaml").write_text(yaml.safe_dump(run.to_dict(), sort_keys=False))
             (self.output_dir / DIVERGED_FILE).unlink(missing_ok=True)  # from an earlier attempt in this dir
         self.load()
-        startup_barrier(run.train.startup_timeout_s)
+        startup_barrier()
         results: dict = dict(resume_state["stage_results"]) if resume_state else {}
         results["method"] = run.method.describe(self.model)
         resume_stage = resume_state["stage"] if resume_state else -1
