@@ -2,7 +2,7 @@
 # A two-node cluster on one machine, on loopback addresses only, to try the multi-node launchers
 # (and for the tests marked `cluster`). Needs root (namespaces, daemons) and Debian/Ubuntu.
 #
-#   sudo scripts/local_cluster.sh install     # apt-get install openssh-server pdsh slurm-wlm munge
+#   sudo scripts/local_cluster.sh install     # apt-get install openssh-server pdsh slurm-wlm munge rsync
 #   sudo scripts/local_cluster.sh start       # munged, slurmctld, and per node: sshd + slurmd
 #   eval "$(scripts/local_cluster.sh env)"    # PATH (ssh wrapper), SLURM_CONF, GLOO_SOCKET_IFNAME
 #   sinfo; python launch/multinode.py --hostfile "$SPARSE_FT_CLUSTER/hostfile" --master-addr 127.0.0.2 ...
@@ -22,7 +22,7 @@ declare -A ADDR=([ctl]=127.0.0.1 [node1]=127.0.0.2 [node2]=127.0.0.3)
 declare -A SLURMD_PORT=([node1]=6818 [node2]=6819)
 SSH_PORT=2222
 CTLD_PORT=6817
-PACKAGES=(openssh-server openssh-client pdsh slurm-wlm munge)
+PACKAGES=(openssh-server openssh-client pdsh slurm-wlm munge rsync)
 
 die() { echo "local_cluster.sh: $*" >&2; exit 1; }
 need_root() { [[ $(id -u) == 0 ]] || die "$1 needs root (namespaces and daemons); run it with sudo"; }
@@ -36,7 +36,7 @@ cmd_install() {
 
 missing_tools() {
   local t out=()
-  for t in sshd ssh ssh-keygen pdsh slurmctld slurmd munged sbatch srun sinfo unshare; do
+  for t in sshd ssh ssh-keygen rsync pdsh slurmctld slurmd munged sbatch srun sinfo unshare; do
     command -v "$t" >/dev/null 2>&1 || [[ -x /usr/sbin/$t ]] || out+=("$t")
   done
   echo "${out[*]:-}"

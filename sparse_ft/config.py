@@ -175,7 +175,7 @@ class TrainConfig:
 
     checkpoint_dir: str | None = None
     """Where checkpoints go; default ``<output_dir>/checkpoints``. May be node-local storage (see
-    launch/README.md)."""
+    docs/multi-node.md)."""
 
     resume_from: str | None = None
     """``latest`` (the newest complete checkpoint in ``checkpoint_dir``; a fresh start when there is
