@@ -11,8 +11,10 @@
 # Nodes: node1 = 127.0.0.2, node2 = 127.0.0.3; the controller ctl = 127.0.0.1. Each node's sshd and
 # slurmd run in their own mount and UTS namespace (`unshare -m -u`): the node's host name, an
 # /etc/hosts naming the three addresses, and its own disk at $STATE/local (a bind mount of
-# $STATE/<node>/local), so `--node-local-checkpoints` really writes to different disks. Every
-# daemon listens on a 127.0.0.x address only; nothing here talks to any other address.
+# $STATE/<node>/local), so `--node-local-checkpoints` really writes to different disks. The sshds
+# listen on 127.0.0.2/3 only; slurmctld and the slurmds listen on their ports on every address
+# (SLURM 22.05's NoInAddrAny breaks srun's I/O inside a batch step), but every address any of
+# them is given or connects to is a 127.0.0.x one: nothing here talks to any other address.
 # State (configs, keys, logs, pids) lives in $SPARSE_FT_CLUSTER (default /tmp/sparse-ft-cluster).
 set -euo pipefail
 
@@ -116,7 +118,6 @@ SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket=$STATE/munge/munge.sock
-CommunicationParameters=NoInAddrAny
 StateSaveLocation=$STATE/ctld
 SlurmctldPidFile=$STATE/ctld/slurmctld.pid
 SlurmctldLogFile=$STATE/logs/slurmctld.log

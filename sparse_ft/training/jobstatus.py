@@ -156,14 +156,22 @@ class JobWatch:
         self._stop.set()
         text = "".join(traceback.format_exception_only(type(error), error)).strip()
         record = {"exit_code": exit_code_for(error), "rank": self.rank, "host": self.host, "error": text}
+        first = None
         if self.store is not None and not self._reported:
             self._reported = True
             try:
                 # add() is atomic: only the first failure's record is kept.
                 if self.store.add(FAILED_KEY + "/count", 1) == 1:
                     self.store.set(FAILED_KEY, json.dumps(record))
+                else:
+                    # Another rank failed first; this error (a broken connection to it, mostly)
+                    # is its consequence. Report and exit as the first failure.
+                    self.store.wait([FAILED_KEY], datetime.timedelta(seconds=10))
+                    first = json.loads(self.store.get(FAILED_KEY))
             except Exception:  # noqa: BLE001 - the store may be gone with rank 0; still exit
                 pass
+        if first is not None and first.get("rank") != self.rank:
+            self._end(first)
         if self.output_dir is not None and (self.local_rank == 0 or self.world == 1):
             write_exit_status(self.output_dir, record)
         return record

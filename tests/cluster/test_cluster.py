@@ -103,6 +103,14 @@ def same_files_on_both_nodes(a: Path, b: Path) -> list[str]:
     for rel in common:
         if rel.suffix == ".pt":
             continue  # torch.save output: pickled, compared through trainer_state and the deltas
+        if rel.suffix == ".safetensors":  # say whether tensors or metadata differ
+            from safetensors import safe_open
+
+            ta, tb = load_file(str(a / rel)), load_file(str(b / rel))
+            differ = sorted(k for k in ta if k not in tb or not torch.equal(ta[k], tb[k]))
+            assert ta.keys() == tb.keys() and not differ, f"{rel}: tensors {differ[:5]} differ between the nodes"
+            with safe_open(str(a / rel), "pt") as fa, safe_open(str(b / rel), "pt") as fb:
+                assert fa.metadata() == fb.metadata(), f"{rel}: metadata differs between the nodes"
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), f"{rel} differs between the nodes"
     return [str(r) for r in common]
 
