@@ -41,7 +41,9 @@ def setup(cluster, tmp_path_factory):
     ref = tmp / "ref"
     run([sys.executable, "launch/torchrun.py", "--nproc-per-node", "2", "--config", str(config),
          f"train.output_dir={ref}"], cluster.env())
-    return {"tmp": tmp, "config": config, "ref": ref, "tag": tmp.name, "cluster": cluster}
+    # Node-local directories outlive pytest's temporary ones: a tag no earlier session used.
+    tag = f"{os.getpid()}-{int(time.time())}"
+    return {"tmp": tmp, "config": config, "ref": ref, "tag": tag, "cluster": cluster}
 
 
 def run(command, env, timeout=420, check=True) -> subprocess.CompletedProcess:
