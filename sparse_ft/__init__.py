@@ -13,7 +13,7 @@ Python API::
 Layers (imports point down only, not even inside a function; ``lint-imports`` checks the contracts in
 ``.importlinter``, and docs/contributing.md explains them), top to bottom:
 
-1. ``cli``, ``launchers``; then ``commands`` (command entry points such as ``sparse-ft rpca``)
+1. ``cli``, ``launch/``; then ``commands`` (command entry points such as ``sparse-ft rpca``)
 2. ``export``, ``sweep``
 3. ``training/`` and ``config`` (the run's settings; they use each other), then ``tasks/``
 4. ``delta`` (save/load a model's compact delta), then ``api`` (apply, merge)

@@ -77,6 +77,15 @@ def _peek_model(config: str, overrides: list[str]) -> str:
     return f"{name}/{model['gguf_file']}" if name and model.get("gguf_file") else name
 
 
+def _output_dir_or_none(config: str, overrides: list[str]):
+    from .config import output_dir_of
+
+    try:
+        return output_dir_of(config, overrides)
+    except Exception:  # noqa: BLE001 - the config's own error is the one to report
+        return None
+
+
 def train_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="sparse-ft train", formatter_class=_DefaultsFormatter,
@@ -94,7 +103,14 @@ def train_main(argv: list[str] | None = None) -> int:
                                             "DeepSpeed", args.config, _peek_model(args.config, args.overrides) or "?")
     from .config import load_config
 
-    run = load_config(args.config, args.overrides)
+    from .training.jobstatus import report_before_start
+
+    try:
+        run = load_config(args.config, args.overrides)
+    except Exception as error:
+        # Under a multi-node launcher the other ranks stop too; exit_status.json goes to the run dir.
+        report_before_start(error, _output_dir_or_none(args.config, args.overrides))
+        raise
     from .training.guard import EXIT_DIVERGED
     from .training.trainer import train
 

@@ -12,6 +12,7 @@ import difflib
 import os
 import typing
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -234,7 +235,7 @@ class TrainConfig:
 
     checkpoint_dir: str | None = None
     """Where checkpoints go; default ``<output_dir>/checkpoints``. May be node-local storage (see
-    launch/README.md)."""
+    docs/multi-node.md)."""
 
     resume_from: str | None = None
     """``latest`` (the newest complete checkpoint in ``checkpoint_dir``; a fresh start when there is
@@ -258,6 +259,16 @@ class TrainConfig:
     logged in metrics.jsonl (``skipped``, ``bad_steps``). This many skipped steps in a row stop the
     run: ``diverged.json`` is written, the last checkpoint taken before them is kept, and
     ``sparse-ft train`` exits with code 3. 0: never stop (bad steps are still skipped)."""
+
+    dist_timeout_s: float = 1800.0
+    """Seconds a collective (all-reduce, barrier, ZeRO-3 gather) may wait for the other ranks before
+    it fails; passed to ``deepspeed.init_distributed``. A rank that fails with a Python error ends
+    the job on every node within seconds anyway (see docs/multi-node.md); this bounds the wait for
+    a rank that hangs or dies without one."""
+
+    startup_timeout_s: float = 300.0
+    """After the model is loaded, every rank waits at most this long for the slowest one; a rank
+    that has not arrived by then (killed, hung in its load) is named and the job stops."""
 
     report_to: list[str] = field(default_factory=list)
     """Experiment trackers that get every metrics.jsonl row (rank 0): any of ``tensorboard``
@@ -430,6 +441,16 @@ def from_dict(tree: dict) -> RunConfig:
     return run
 
 
+def output_dir_of(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Path:
+    """``train.output_dir`` of a config file with overrides, without building or checking the rest
+    (launchers and error reports need the run directory of a config that may not validate)."""
+    tree = yaml.safe_load(Path(path).read_text()) or {}
+    for key, value in parse_overrides(list(overrides)):
+        set_dotted(tree, key, value)
+    train = tree.get("train") if isinstance(tree, dict) else None
+    return Path(str((train if isinstance(train, dict) else {}).get("output_dir") or TrainConfig.output_dir))
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML config, apply ``key=value`` overrides, build and validate the dataclasses."""
     tree: dict = {}
@@ -493,6 +514,9 @@ def validate(run: RunConfig) -> None:
     tr.report_to = check_report_to(tr.report_to)
     if tr.eval_metric not in EVAL_METRICS:
         raise ConfigError(f"train.eval_metric = {tr.eval_metric!r}; allowed: {', '.join(EVAL_METRICS)}")
+    for name in ("dist_timeout_s", "startup_timeout_s"):
+        if not getattr(tr, name) > 0:
+            raise ConfigError(f"train.{name} = {getattr(tr, name)}; allowed: a number of seconds > 0")
     if tr.max_grad_norm < 0:
         raise ConfigError(f"train.max_grad_norm = {tr.max_grad_norm}; allowed: >= 0 (0 disables)")
     resolve_ds_config_path(run.deepspeed.config)

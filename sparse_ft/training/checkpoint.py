@@ -21,7 +21,9 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +35,7 @@ logger = logging.getLogger("sparse_ft")
 
 PARTIAL = ".partial"
 LATEST = "latest"
+_SHARD_RANK = re.compile(r"zero_pp_rank_(\d+)_")
 
 
 def tag_for(stage: int, step: int) -> str:
@@ -113,6 +116,34 @@ def trained_module_state_only(engine):
         del engine.module_state_dict
 
 
+def _ranks_with_shards(path: Path) -> list[int]:
+    ranks = {int(m.group(1)) for p in path.glob("*zero_pp_rank_*") if (m := _SHARD_RANK.search(p.name))}
+    return sorted(ranks)
+
+
+def check_rank_files(path: Path, rank: int) -> None:
+    """Fail naming the rank, host and directory when this rank's files are not in ``path``:
+    with node-local checkpoints every rank must run on the node that wrote its shards. (DeepSpeed's
+    own error is a bare ``assert len(self.ckpt_list) > 0``.)"""
+    shards = _ranks_with_shards(path)
+    missing = []
+    if shards and rank not in shards:
+        missing.append(f"*zero_pp_rank_{rank}_* (the ZeRO shards of rank {rank}; this directory holds ranks "
+                       f"{', '.join(map(str, shards))})")
+    if not any(path.glob("*model_states.pt")):
+        missing.append("*model_states.pt (DeepSpeed's module state)")
+    if missing:
+        raise CheckpointFilesMissing(
+            f"resume from {path}: rank {rank} on host {socket.gethostname()} finds no {' and no '.join(missing)}. "
+            "With node-local checkpoints each rank must run on the node that wrote its files (same hosts, "
+            "same processes per node, same order); or copy every node's checkpoint directory into one "
+            "(docs/multi-node.md)")
+
+
+class CheckpointFilesMissing(RuntimeError):
+    """A rank's checkpoint files are not where the resume looks for them."""
+
+
 class CheckpointManager:
     def __init__(self, root: Path, keep_last: int, rank: int, local_rank: int, node_local: bool):
         self.root = Path(root)
@@ -174,6 +205,7 @@ class CheckpointManager:
         """Restore engine state and this rank's RNG from ``path``; returns trainer_state."""
         path = Path(path)
         state = json.loads((path / "trainer_state.json").read_text())
+        check_rank_files(path, self.rank)
         load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=False,
                                               load_optimizer_states=True, load_lr_scheduler_states=True)
         if load_path is None:

@@ -1,6 +1,7 @@
 """Process-level setup: distributed init (launcher or plain process), precision, devices, memory."""
 from __future__ import annotations
 
+import datetime
 import os
 import resource
 import socket
@@ -14,9 +15,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> tuple[int, int, int]:
+def init_distributed(timeout_s: float | None = None) -> tuple[int, int, int]:
     """(rank, world_size, local_rank). Works under deepspeed/torchrun/SLURM launchers, which set the
-    usual env variables, and as one plain process, for which it sets them."""
+    usual env variables, and as one plain process, for which it sets them. ``timeout_s`` bounds every
+    collective (``train.dist_timeout_s``; torch's default when None)."""
     import deepspeed  # a dependency, imported where used: it takes seconds to import
 
     if not torch.distributed.is_initialized():
@@ -26,7 +28,8 @@ def init_distributed() -> tuple[int, int, int]:
             # One process rendezvouses with itself: any free port does. Never trust an inherited
             # MASTER_PORT here; a parent that ran this function (a sweep, a notebook, pytest) holds it.
             os.environ["MASTER_PORT"] = str(_free_port())
-        deepspeed.init_distributed(verbose=False)
+        kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
+        deepspeed.init_distributed(verbose=False, **kwargs)
     rank = torch.distributed.get_rank()
     world = torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))

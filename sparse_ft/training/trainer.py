@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from .data import BatchPlan
 from .ds_config import build_ds_config, zero_stage
 from .evaluate import evaluate
 from .guard import DIVERGED_FILE, Diverged, count_nonfinite, local_grads, make_skippable, sum_squares
+from .jobstatus import WATCH, startup_barrier
 from .model import load_config_only, load_model, load_tokenizer, meta_model
 from .multitask import TaskMix
 
@@ -98,6 +100,9 @@ class MetricsWriter:
 
     def open(self, keep_rows: int | None) -> None:
         if not self.enabled:
+            # Ranks that do not write still count rows: their trainer_state.json (node-local
+            # checkpoints: one per node) must say what rank 0's says.
+            self.rows = keep_rows or 0
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept: list[str] = []
@@ -137,7 +142,8 @@ class Trainer:
 
     def __init__(self, run: RunConfig):
         self.run_config = run
-        self.rank, self.world, self.local_rank = runtime.init_distributed()
+        self.rank, self.world, self.local_rank = runtime.init_distributed(run.train.dist_timeout_s)
+        WATCH.start(run.train.output_dir, run.train.startup_timeout_s)
         if self.rank != 0:
             logger.setLevel(logging.WARNING)
         # Every rank checks the output directory before any rank writes to it.
@@ -418,10 +424,24 @@ class Trainer:
                               "(no trainer_state.json)")
         return path
 
+    def _check_same_resume(self, resume_path: Path | None) -> None:
+        """Every rank must resume the same checkpoint (or none): with node-local checkpoints a node
+        whose disk lacks it would start fresh while the others resume, and the job would hang."""
+        if self.world == 1:
+            return
+        found = [None] * self.world
+        torch.distributed.all_gather_object(found, (resume_path.name if resume_path else None, socket.gethostname()))
+        if len({tag for tag, _ in found}) > 1:
+            where = "; ".join(f"rank {r} on host {host}: {tag or 'none'}" for r, (tag, host) in enumerate(found))
+            raise ConfigError(f"train.resume_from = {self.run_config.train.resume_from!r}: the ranks found different "
+                              f"checkpoints in {self.checkpoints.root} ({where}). With node-local checkpoints "
+                              "every node needs its own copy of the checkpoint directory, at the same path")
+
     def run(self) -> dict:
         run = self.run_config
         self._stages = run.method.stages(run.train)
         resume_path = self._resume_point()
+        self._check_same_resume(resume_path)
         resume_state = json.loads((resume_path / "trainer_state.json").read_text()) if resume_path else None
         if resume_state and resume_state.get("world_size", self.world) != self.world:
             logger.warning("resuming a checkpoint written by %d processes with %d: the data order per rank differs",
@@ -437,6 +457,7 @@ class Trainer:
             (self.output_dir / "run_config.yaml").write_text(yaml.safe_dump(run.to_dict(), sort_keys=False))
             (self.output_dir / DIVERGED_FILE).unlink(missing_ok=True)  # from an earlier attempt in this dir
         self.load()
+        startup_barrier()
         results: dict = dict(resume_state["stage_results"]) if resume_state else {}
         results["method"] = run.method.describe(self.model)
         results["precision"] = self.precision
@@ -506,14 +527,18 @@ def train(run: RunConfig) -> dict:
     ``{"stopped_at_step": N}`` when ``train.stop_after_steps`` ended it early, or
     ``{"diverged": {...}}`` (also written to ``output_dir/diverged.json``) when the divergence guard
     stopped it after ``train.max_bad_steps`` consecutive non-finite steps."""
-    trainer = Trainer(run)
     try:
-        return trainer.run()
+        trainer = Trainer(run)
+        result = trainer.run()
     except StopTraining as stop:
         logger.info(str(stop))
         trainer.metrics.close()
+        _end_watch()
+        WATCH.succeeded()
         return {"stopped_at_step": stop.step}
     except Diverged as diverged:
+        _end_watch()
+        WATCH.diverged()
         record = diverged.record()
         if trainer.rank == 0:
             logger.error(str(diverged))
@@ -524,3 +549,18 @@ def train(run: RunConfig) -> dict:
             os.replace(tmp, trainer.output_dir / DIVERGED_FILE)
         trainer.metrics.close()
         return {"diverged": record}
+    except BaseException as error:
+        # Every other rank stops within seconds, naming this rank, its host and the error.
+        WATCH.failed(error)
+        raise
+    _end_watch()
+    WATCH.succeeded()
+    return result
+
+
+def _end_watch() -> None:
+    """Stop watching for failures, then wait for every rank: past this barrier a rank that exits
+    (rank 0 holds the rendezvous store) is the normal end, not a failure."""
+    WATCH.stop()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
