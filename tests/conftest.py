@@ -33,3 +33,19 @@ def bnb_cpu_path(request, monkeypatch):
     forced = request.param == "avx512bf16"
     monkeypatch.setattr(modules, "has_avx512bf16", lambda: forced)
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def _no_zero3_config_left_live():
+    """Each test starts without a ZeRO-3 config live in transformers: a one-process ZeRO-3 run keeps
+    its HfDeepSpeedConfig alive (sparse_ft.training.model._live_hf_ds_configs) for as long as its model
+    is used, and models that later tests build in-line would otherwise be partitioned as they are made."""
+    yield
+    from sparse_ft.training import model as model_module
+
+    model_module._live_hf_ds_configs.clear()
+    try:
+        from transformers.integrations import deepspeed as hf_ds
+    except ImportError:
+        return
+    hf_ds._hf_deepspeed_config_weak_ref = None
