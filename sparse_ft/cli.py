@@ -9,7 +9,7 @@ import argparse
 import logging
 import sys
 
-from .errors import ConfigError
+from .errors import ConfigError, RunError
 
 
 def _setup_logging() -> None:
@@ -59,16 +59,28 @@ def export_main(argv: list[str] | None = None) -> int:
         from .export import find_delta
 
         src = find_delta(args.checkpoint)
-        read_delta(src)  # validates the file
+        read_delta(src)  # validates the file: checksums, finite values
         out = Path(args.out)
         if out.suffix != ".safetensors":
+            if out.exists() and not out.is_dir():
+                raise ConfigError(f"--out {out} is a file that is not a .safetensors delta; allowed: a directory or "
+                                  "a path ending in .safetensors")
             out.mkdir(parents=True, exist_ok=True)
             out = out / "delta.safetensors"
         if out.exists() and not args.overwrite:
             raise ConfigError(f"--out {out} exists; pass --overwrite to replace it")
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.copyfile(src, tmp)
-        tmp.replace(out)
+        if out.exists() and out.resolve() == src.resolve():
+            raise ConfigError(f"--out {out} is the source delta itself; choose another path")
+        import os
+        import secrets
+
+        tmp = out.with_name(f"{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            shutil.copyfile(src, tmp)
+            tmp.replace(out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         print(out)
         return 0
     from .export import export_hf
@@ -115,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"sparse-ft {command}: error: {e}", file=sys.stderr)
         return 2
+    except RunError as e:  # a runtime failure with a path and an action: one line, no traceback
+        print(f"sparse-ft {command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -371,6 +371,7 @@ def validate(run: RunConfig) -> None:
         raise ConfigError(f"train.precision = {tr.precision!r}; allowed: {', '.join(PRECISIONS)}")
     if tr.schedule not in SCHEDULES:
         raise ConfigError(f"train.schedule = {tr.schedule!r}; allowed: {', '.join(SCHEDULES)}")
+    check_finite(run)
     if tr.lr <= 0:
         raise ConfigError(f"train.lr = {tr.lr}; allowed: > 0")
     if tr.save_every < 0 or tr.keep_last < 1:
@@ -395,6 +396,27 @@ def validate(run: RunConfig) -> None:
 
     resolve_ds_config_path(run.deepspeed.config)
     validate_quantization(run)
+
+
+def check_finite(run: RunConfig) -> None:
+    """NaN and inf pass every ``<``/``>`` range check (NaN compares false), so numbers are checked
+    for finiteness first; and a method that targets layers needs at least one target."""
+    import math
+
+    for section in ("model", "task", "train"):
+        for f in dataclasses.fields(getattr(run, section)):
+            value = getattr(getattr(run, section), f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{section}.{f.name} = {value}; allowed: a finite number")
+    for f in dataclasses.fields(run.method):
+        value = getattr(run.method, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"method.{f.name} = {value}; allowed: a finite number")
+    targets = next(f for f in dataclasses.fields(run.method) if f.name == "target_modules")
+    default = targets.default_factory() if targets.default_factory is not dataclasses.MISSING else targets.default
+    if not run.method.target_modules and default:
+        raise ConfigError(f"method.target_modules = []; allowed: a non-empty list of module names (default for "
+                          f"{run.method.method}: {default})")
 
 
 def validate_quantization(run: RunConfig) -> None:

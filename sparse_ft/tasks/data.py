@@ -54,18 +54,71 @@ def load_rows(task: Task, split: str, data_dir: str | None) -> list[dict] | None
         if not path.is_file():
             return None
         rows = read_jsonl(path)
+        source = path
     else:
         if task.hub_path is None:
             raise ConfigError(f"task {task.name!r} has no hub dataset; set task.data_dir to a folder with train.jsonl")
         import datasets
 
         rows = list(datasets.load_dataset(task.hub_path, task.hub_name, split=split))
+        source = f"{task.hub_path}/{task.hub_name} split {split}"
     if rows:
         missing = [c for c in task.columns if c not in rows[0]]
         if missing:
             raise ConfigError(f"task {task.name!r}: rows of split {split!r} lack columns {missing}; "
                               f"the row has {sorted(rows[0])}")
+    check_rows(task, rows, source)
     return rows
+
+
+def _row_place(source: str | Path, i: int) -> str:
+    """Row ``i`` (1-based, of the rows read) as ``file:line`` for a local file, else ``source: row i``."""
+    if isinstance(source, Path):
+        with open(source) as f:
+            nonblank = (n for n, line in enumerate(f, 1) if line.strip())
+            for _ in range(i - 1):
+                next(nonblank, None)
+            return f"{source}:{next(nonblank, '?')} (row {i})"
+    return f"{source}: row {i}"
+
+
+def check_rows(task: Task, rows: list[dict], source: str | Path) -> None:
+    """Every row (not only the sampled ones, not only the first) has the task's columns and turns
+    into examples whose labels index their options: a row that would fail later, or a label of -1
+    that Python would read from the end of the option list, fails here naming file and row."""
+    for i, row in enumerate(rows, 1):
+        where = _Where(source, i)
+        if not isinstance(row, dict):
+            raise ConfigError(f"{where} is {type(row).__name__}; allowed: a JSON object with {', '.join(task.columns)}")
+        missing = [c for c in task.columns if c not in row]
+        if missing:
+            raise ConfigError(f"{where} lacks {', '.join(missing)}; task {task.name!r} needs {', '.join(task.columns)}")
+        if "label" in task.columns:
+            options = getattr(task, "verbalizer", None)
+            n = len(options) if options is not None else None
+            label = row["label"]
+            if isinstance(label, bool) or not isinstance(label, int) or label < 0 or (n is not None and label >= n):
+                allowed = f"0..{n - 1}" if n is not None else "a non-negative integer"
+                raise ConfigError(f"{where} has label {label!r}; allowed for task {task.name!r}: {allowed}")
+        try:
+            examples = task.examples(row)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+            raise ConfigError(f"{where} cannot be read as a {task.name!r} example ({type(e).__name__}: {e})") from None
+        for ex in examples:
+            labels = ex.label if isinstance(ex.label, list) else [ex.label] if ex.label is not None else []
+            if ex.options and any(not 0 <= int(lab) < len(ex.options) for lab in labels):
+                raise ConfigError(f"{where} has label {ex.label!r}; allowed: 0..{len(ex.options) - 1} for its "
+                                  f"{len(ex.options)} options")
+
+
+class _Where:
+    """Formats the place of a row only when an error message needs it."""
+
+    def __init__(self, source, i):
+        self.source, self.i = source, i
+
+    def __format__(self, spec):
+        return _row_place(self.source, self.i)
 
 
 def _to_examples(task: Task, rows: list[dict]) -> list[Example]:

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+from pathlib import Path
 
 import torch
 
 from ..config import ModelConfig
+from ..errors import ConfigError
 
 logger = logging.getLogger("sparse_ft")
 
@@ -38,7 +41,21 @@ def load_tokenizer(mc: ModelConfig):
 def load_config_only(mc: ModelConfig):
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(mc.name_or_path, **_common_kwargs(mc))
+    config_file = Path(mc.name_or_path).expanduser() / "config.json"
+    if not config_file.is_file():
+        return AutoConfig.from_pretrained(mc.name_or_path, **_common_kwargs(mc))
+    # A local model directory: a damaged or unknown config.json is bad input, said before any weight loads.
+    try:
+        json.loads(config_file.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.name_or_path: {config_file} is not valid JSON ({e}); restore the model's "
+                          "config.json") from None
+    try:
+        return AutoConfig.from_pretrained(mc.name_or_path, **_common_kwargs(mc))
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"model.name_or_path: transformers cannot read {config_file} "
+                          f"({str(e).splitlines()[0][:160]}); allowed: a config.json whose model_type this "
+                          "transformers knows (or set model.trust_remote_code=true for custom code)") from None
 
 
 @contextlib.contextmanager
