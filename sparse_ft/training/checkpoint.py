@@ -228,6 +228,8 @@ class CheckpointManager:
         self._prune(keep=tag)
 
     def _prune(self, keep: str) -> None:
+        for stale in self.root.glob(LATEST + ".tmp*"):  # left by a process killed while moving `latest`
+            stale.unlink(missing_ok=True)
         tags = [t for t in list_checkpoints(self.root) if t != keep]
         excess = len(tags) + 1 - self.keep_last
         for tag in tags[:max(0, excess)]:

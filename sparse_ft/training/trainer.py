@@ -144,6 +144,7 @@ class Trainer:
         return lock
 
     def _setup(self, run: RunConfig) -> None:
+        self.output_dir = Path(run.train.output_dir)
         # A run that finished here is never trained over: resubmitted unchanged it is a no-op.
         self.finished_results = (check_finished(Path(run.train.output_dir), run.to_dict())
                                  if run.train.resume_from and not run.train.overwrite_output_dir else None)
