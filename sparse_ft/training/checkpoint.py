@@ -74,9 +74,11 @@ def verify(directory: Path) -> bool:
     if not manifest.is_file():
         state = directory / "trainer_state.json"
         try:
-            json.loads(state.read_text())
-        except (OSError, ValueError) as e:
+            recorded = json.loads(state.read_text()).get("manifest")
+        except (OSError, ValueError, AttributeError) as e:
             raise CorruptCheckpoint(state, f"unreadable ({e})") from None
+        if recorded:  # written by a version that writes manifests: its manifest is gone
+            raise CorruptCheckpoint(manifest, "missing")
         return False
     try:
         files = json.loads(manifest.read_text())["files"]
@@ -204,7 +206,8 @@ class CheckpointManager:
             save_delta(engine.module, partial_root / tag / "delta.safetensors", base_model=base_model, engine=engine,
                        write=self.is_writer, extra_metadata=delta_metadata)
             if self.is_writer:
-                _write_atomic(partial_root / tag / "trainer_state.json", json.dumps(trainer_state, indent=1))
+                _write_atomic(partial_root / tag / "trainer_state.json",
+                              json.dumps({**trainer_state, "manifest": MANIFEST}, indent=1))
             torch.distributed.barrier()
             if self.is_writer:
                 write_manifest(partial_root / tag)  # last: every rank's files are complete
