@@ -46,14 +46,15 @@ def _lock_holders(lock: Path) -> list[int] | None:
                     holders.append(int(entry.name))
                     break
         except PermissionError:  # another user's process: it might be the holder
-            unreadable = True
+            # (not pid 1 of a container or sandbox: an init that does not build torch extensions)
+            unreadable = unreadable or entry.name != "1"
         except OSError:  # exited meanwhile
             continue
     return holders if holders or not unreadable else None
 
 
 def stale_extension_locks(roots: list[Path] | None = None, grace_s: float = 30.0,
-                          unknown_after_s: float = 1800.0) -> list[Path]:
+                          unknown_after_s: float = 600.0) -> list[Path]:
     """Lock files of torch/DeepSpeed extension builds that no live process holds.
 
     torch's FileBaton is a bare file created with O_EXCL and removed on release; a process killed
