@@ -177,8 +177,10 @@ class TrainConfig:
     launch/README.md)."""
 
     resume_from: str | None = None
-    """``latest`` (the newest complete checkpoint in ``checkpoint_dir``; a fresh start when there is
-    none, so a pre-empted job can be resubmitted unchanged) or a checkpoint directory."""
+    """``latest`` (the newest checkpoint in ``checkpoint_dir`` that verifies against its manifest; a
+    fresh start when there is none, so a pre-empted job can be resubmitted unchanged; a finished run
+    resubmitted unchanged does nothing) or a checkpoint directory. The config must be the one that
+    made the checkpoint, except the step budget, eval/save/log cadence and paths."""
 
     stop_after_steps: int = 0
     """Stop this process after this many optimizer steps of the current stage (writing a checkpoint
@@ -186,8 +188,9 @@ class TrainConfig:
     ``resume_from=latest``. 0: run to the end."""
 
     overwrite_output_dir: bool = False
-    """Allow starting a new run in an ``output_dir`` that already holds one (its metrics.jsonl is
-    replaced). Off by default so a typo cannot wipe a finished run."""
+    """Start afresh in an ``output_dir`` that already holds a run, finished or not: its metrics.jsonl
+    is replaced, its checkpoints, results.json and delta are removed, ``resume_from=latest`` is
+    ignored. Off by default so a typo cannot wipe a run."""
 
     save_delta: bool = True
     """Write ``delta.safetensors`` (the compact delta) to ``output_dir`` at the end."""
