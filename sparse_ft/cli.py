@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 
-from .errors import ConfigError
+from .errors import ConfigError, RunError
 
 # The subcommands import what they need inside their functions, and only for start-up speed: torch,
 # DeepSpeed and transformers take seconds to import, and `sparse-ft --help` or a config error should
@@ -167,16 +167,28 @@ def export_main(argv: list[str] | None = None) -> int:
         from .export import find_delta
 
         src = find_delta(args.checkpoint)
-        read_delta(src)  # validates the file
+        read_delta(src)  # validates the file: checksums, finite values
         out = Path(args.out)
         if out.suffix != ".safetensors":
+            if out.exists() and not out.is_dir():
+                raise ConfigError(f"--out {out} is a file that is not a .safetensors delta; allowed: a directory or "
+                                  "a path ending in .safetensors")
             out.mkdir(parents=True, exist_ok=True)
             out = out / "delta.safetensors"
         if out.exists() and not args.overwrite:
             raise ConfigError(f"--out {out} exists; pass --overwrite to replace it")
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.copyfile(src, tmp)
-        tmp.replace(out)
+        if out.exists() and out.resolve() == src.resolve():
+            raise ConfigError(f"--out {out} is the source delta itself; choose another path")
+        import os
+        import secrets
+
+        tmp = out.with_name(f"{out.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            shutil.copyfile(src, tmp)
+            tmp.replace(out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         print(out)
         return 0
     from .export import export_hf
@@ -260,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"sparse-ft {command}: error: {e}", file=sys.stderr)
         return 2
+    except RunError as e:  # a runtime failure with a path and an action: one line, no traceback
+        print(f"sparse-ft {command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -238,8 +238,10 @@ class TrainConfig:
     docs/multi-node.md)."""
 
     resume_from: str | None = None
-    """``latest`` (the newest complete checkpoint in ``checkpoint_dir``; a fresh start when there is
-    none, so a pre-empted job can be resubmitted unchanged) or a checkpoint directory."""
+    """``latest`` (the newest checkpoint in ``checkpoint_dir`` that verifies against its manifest; a
+    fresh start when there is none, so a pre-empted job can be resubmitted unchanged; a finished run
+    resubmitted unchanged does nothing) or a checkpoint directory. The config must be the one that
+    made the checkpoint, except the step budget, eval/save/log cadence and paths."""
 
     stop_after_steps: int = 0
     """Stop this process after this many optimizer steps of the current stage (writing a checkpoint
@@ -247,8 +249,9 @@ class TrainConfig:
     ``resume_from=latest``. 0: run to the end."""
 
     overwrite_output_dir: bool = False
-    """Allow starting a new run in an ``output_dir`` that already holds one (its metrics.jsonl is
-    replaced). Off by default so a typo cannot wipe a finished run."""
+    """Start afresh in an ``output_dir`` that already holds a run, finished or not: its metrics.jsonl
+    is replaced, its checkpoints, results.json and delta are removed, ``resume_from=latest`` is
+    ignored. Off by default so a typo cannot wipe a run."""
 
     save_delta: bool = True
     """Write ``delta.safetensors`` (the compact delta) to ``output_dir`` at the end."""
@@ -487,6 +490,7 @@ def validate(run: RunConfig) -> None:
         raise ConfigError(f"train.precision = {tr.precision!r}; allowed: {', '.join(PRECISIONS)}")
     if tr.schedule not in SCHEDULES:
         raise ConfigError(f"train.schedule = {tr.schedule!r}; allowed: {', '.join(SCHEDULES)}")
+    check_finite(run)
     if tr.lr <= 0:
         raise ConfigError(f"train.lr = {tr.lr}; allowed: > 0")
     if tr.save_every < 0 or tr.keep_last < 1:
@@ -570,6 +574,27 @@ def validate_data(t: TaskConfig, task) -> None:
     if t.truncation not in TRUNCATIONS:
         raise ConfigError(f"task.truncation = {t.truncation!r}; allowed: {', '.join(TRUNCATIONS)}")
     check_template_name(t.chat_template)
+
+
+def check_finite(run: RunConfig) -> None:
+    """NaN and inf pass every ``<``/``>`` range check (NaN compares false), so numbers are checked
+    for finiteness first; and a method that targets layers needs at least one target."""
+    import math
+
+    for section in ("model", "task", "train"):
+        for f in dataclasses.fields(getattr(run, section)):
+            value = getattr(getattr(run, section), f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{section}.{f.name} = {value}; allowed: a finite number")
+    for f in dataclasses.fields(run.method):
+        value = getattr(run.method, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"method.{f.name} = {value}; allowed: a finite number")
+    targets = next(f for f in dataclasses.fields(run.method) if f.name == "target_modules")
+    default = targets.default_factory() if targets.default_factory is not dataclasses.MISSING else targets.default
+    if not run.method.target_modules and default:
+        raise ConfigError(f"method.target_modules = []; allowed: a non-empty list of module names (default for "
+                          f"{run.method.method}: {default})")
 
 
 def validate_quantization(run: RunConfig) -> None:

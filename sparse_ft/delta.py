@@ -90,11 +90,76 @@ def save_delta(model: nn.Module, path: str | os.PathLike, base_model: str | None
             **({"quantization": json.dumps(quant)} if quant is not None else {}),
             **{k: json.dumps(v) for k, v in (extra_metadata or {}).items()},
         }
+        meta["tensor_sha256"] = json.dumps({k: tensor_sha256(v) for k, v in state.items()})
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        try:
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk leaves no half-written temp file
+            raise
     return path
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's bytes as stored (dtype and shape are checked by safetensors itself)."""
+    import hashlib
+
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"").hexdigest()
+
+
+def verify_delta_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Each tensor against its checksum in the metadata (deltas written before checksums: none to
+    check), then finiteness: a NaN or inf in a delta is never applied or exported."""
+    sums = meta.get("tensor_sha256")
+    if sums is not None:
+        try:
+            sums = json.loads(sums)
+        except ValueError:
+            raise ConfigError(f"delta file {path} is corrupt: its tensor checksums are unreadable") from None
+        if set(sums) != set(tensors):
+            raise ConfigError(f"delta file {path} is corrupt: it holds tensors {sorted(set(tensors) ^ set(sums))[:3]} "
+                              "its checksums do not list (or the reverse)")
+        for key, tensor in tensors.items():
+            if tensor_sha256(tensor) != sums[key]:
+                raise ConfigError(f"delta file {path} is corrupt: tensor {key} does not match its checksum; use "
+                                  "another copy (a checkpoint's delta.safetensors) or retrain")
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ConfigError(f"delta file {path}: tensor {key} holds NaN or inf values; refusing to apply or "
+                              "export it (the run diverged, or the file is corrupt)")
+
+
+def read_delta(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, metadata with JSON fields decoded) of a delta file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"delta file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise ConfigError(f"{path} is not a sparse-ft delta (format {meta.get('format')!r}, expected "
+                                  f"{FORMAT!r})")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors' errors for truncated or garbled files
+        raise ConfigError(f"delta file {path} is truncated or not a safetensors file ({str(e).splitlines()[0][:120]}); "
+                          "use another copy (a checkpoint's delta.safetensors) or retrain") from None
+    verify_delta_tensors(path, tensors, meta)
+    decoded = dict(meta)
+    try:
+        for key in ("method", "base_fingerprint"):
+            decoded[key] = json.loads(meta[key])
+        decoded["quantization"] = json.loads(meta["quantization"]) if "quantization" in meta else None
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"delta file {path} is corrupt: its metadata field {e} is missing or unreadable") from None
+    return tensors, decoded
 
 
 @torch.no_grad()

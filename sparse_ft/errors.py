@@ -6,3 +6,9 @@ class ConfigError(ValueError):
 
     The message always names the offending field and what is allowed.
     """
+
+
+class RunError(RuntimeError):
+    """A run could not go on for a reason outside the config: a corrupt file, a full or read-only
+    disk, a directory another run holds. The message names the path and what to do; the CLI prints
+    it as one line (exit 1)."""

@@ -29,6 +29,7 @@ from .api import merge
 from .delta import FINGERPRINT_RTOL, _sample_positions, load_delta, read_delta
 from .errors import ConfigError
 from .methods import config_from_dict
+from .model_card import write_model_card
 from .quant import roundtrip
 from .training.checkpoint import read_latest
 
@@ -374,13 +375,66 @@ def export_hf(source: str | os.PathLike, out_dir: str | os.PathLike, *, base_mod
     if not base:
         raise ConfigError(f"{delta_path} does not record its base model; pass --base-model")
     base_dir = resolve_base_dir(base)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise ConfigError(f"--out {out_dir} exists and is not empty; choose another directory or pass --overwrite")
-    tmp_dir = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir(parents=True)
+    out_dir = check_out_dir(out_dir, overwrite, {"the base model": base_dir, "the source run": Path(source),
+                                                 "the delta's directory": delta_path.parent})
+    tmp_dir = make_staging(out_dir)
+    try:
+        _export_into(tmp_dir, out_dir, delta_path, tensors, meta, config, base, base_dir, dtype, max_shard_size, limit)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)  # only the staging directory this export created
+        raise
+    logger.info("exported %s merged into %s -> %s", delta_path, base, out_dir)
+    return out_dir
 
+
+STAGING = ".partial-"
+EXPORT_RECORD = "sparse_ft_export.json"
+
+
+def check_out_dir(out_dir: str | os.PathLike, overwrite: bool, protected: dict[str, Path]) -> Path:
+    """``--out`` as an absolute path, refused when it cannot or must not be (re)placed: a file, the
+    working directory or a parent of it, and with ``--overwrite`` any of ``protected`` (base model,
+    source run) or a parent of one, or a directory that no export wrote (it has no record)."""
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out_dir} is a file; allowed: a directory path (new, or an earlier export with "
+                          "--overwrite)")
+    cwd = Path.cwd().resolve()
+    if out == cwd or out in cwd.parents or out == Path(out.anchor):
+        raise ConfigError(f"--out {out_dir} is the working directory or a parent of it; allowed: a new directory "
+                          "such as ./exported")
+    if not out.exists() or not any(out.iterdir()):
+        return out
+    if not overwrite:
+        raise ConfigError(f"--out {out_dir} exists and is not empty; choose another directory or pass --overwrite")
+    for what, path in protected.items():
+        path = Path(path).expanduser().resolve()
+        if out == path or out in path.parents:
+            raise ConfigError(f"--out {out_dir} is {what} ({path}) or a parent of it; --overwrite never replaces "
+                              "those. Choose another directory")
+    if not (out / EXPORT_RECORD).is_file():
+        raise ConfigError(f"--out {out_dir} holds files that no sparse-ft export wrote (no {EXPORT_RECORD}); "
+                          "--overwrite only replaces an earlier export. Choose another directory or empty it yourself")
+    return out
+
+
+def make_staging(out_dir: Path) -> Path:
+    """A fresh directory of this export's own next to ``out_dir`` (``<out>.partial-<pid>-<random>``)."""
+    import secrets
+
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_dir.with_name(f"{out_dir.name}{STAGING}{os.getpid()}-{secrets.token_hex(4)}")
+        tmp.mkdir()
+    except OSError as e:
+        raise ConfigError(f"--out {out_dir}: cannot write in {out_dir.parent} ({e.strerror or e}); choose a writable "
+                          "directory") from None
+    return tmp
+
+
+def _export_into(tmp_dir, out_dir, delta_path, tensors, meta, config, base, base_dir, dtype, max_shard_size,
+                 limit) -> None:
+    """Write the export into ``tmp_dir`` (its own staging directory), then rename it to ``out_dir``."""
     files = base_weight_files(base_dir)
     layers = config.delta_layer_names(tensors)
     quant = meta.get("quantization")
@@ -403,16 +457,19 @@ def export_hf(source: str | os.PathLike, out_dir: str | os.PathLike, *, base_mod
         logger.info("the delta was trained on a %s-quantized base: dequantized its %d quantized linear layers (as "
                     "bitsandbytes loaded them) to %s, then merged the delta", quant["scheme"], len(quant["modules"]),
                     dtype)
-    (tmp_dir / "sparse_ft_export.json").write_text(json.dumps(provenance, indent=2))
-    from .model_card import write_model_card
-
+    (tmp_dir / EXPORT_RECORD).write_text(json.dumps(provenance, indent=2))
     write_model_card(tmp_dir, delta_path=delta_path, meta=meta, tensors=tensors, base=str(base), fmt="hf",
                      command=command, keep_note=not config.mergeable)
     if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp_dir, out_dir)
-    logger.info("exported %s merged into %s -> %s", delta_path, base, out_dir)
-    return out_dir
+        # Move the earlier export aside before the new one takes its name; delete it only after.
+        import secrets
+
+        old = out_dir.with_name(f"{out_dir.name}.replaced-{os.getpid()}-{secrets.token_hex(4)}")
+        os.replace(out_dir, old)
+        os.replace(tmp_dir, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp_dir, out_dir)
 
 
 LOADER = '''"""Load this export: the base model plus the sparse-ft compact delta beside this file.

@@ -228,6 +228,7 @@ def load_split(task: Task, split: str, source: "DataSource | str | None", requir
         loaded = datasets.load_dataset(task.hub_path, task.hub_name, split=split)
         rows = _rows_of(loaded, f"{task.hub_path}/{task.hub_name or ''}[{split}]", source.columns)
     check_columns(task, rows)
+    check_labels(task, rows)
     return rows
 
 
@@ -240,6 +241,26 @@ def check_columns(task: Task, rows: Rows) -> None:
                     f"{{{missing[0]}: your_column}})") if i == 0 else ""
             raise ConfigError(f"{rows.where(i)}: missing column {missing[0]!r} needed by task {task.name!r} "
                               f"(needs {', '.join(task.columns)}; the row has {', '.join(sorted(row))}){hint}")
+
+
+def check_labels(task: Task, rows: Rows) -> None:
+    """Every row (not only the sampled ones) turns into examples whose labels index their options: a
+    label of -1, which Python would read from the end of the option list, or one past the options,
+    fails here naming the file and row, before the model loads."""
+    for i, row in enumerate(rows.rows):
+        if "label" in row and (isinstance(row["label"], bool) or not isinstance(row["label"], int) or row["label"] < 0):
+            raise ConfigError(f"{rows.where(i)}: label {row['label']!r}; allowed for task {task.name!r}: "
+                              "an integer >= 0 indexing its options")
+        try:
+            examples = task.examples(row)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+            raise ConfigError(f"{rows.where(i)}: task {task.name!r} cannot read this row ({type(e).__name__}: {e})") \
+                from None
+        for ex in examples:
+            labels = ex.label if isinstance(ex.label, list) else [] if ex.label is None else [ex.label]
+            if ex.options and any(not isinstance(lab, int) or not 0 <= lab < len(ex.options) for lab in labels):
+                raise ConfigError(f"{rows.where(i)}: label {ex.label!r}; allowed for task {task.name!r}: "
+                                  f"0..{len(ex.options) - 1} for its {len(ex.options)} options")
 
 
 def to_examples(task: Task, rows: Rows, indices: list[int]) -> list[Example]:

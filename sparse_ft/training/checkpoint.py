@@ -13,10 +13,15 @@ A checkpoint is written under ``.partial/`` and renamed into place only after ev
 finished, then ``latest`` is replaced; a process killed midway leaves the previous checkpoint and
 ``latest`` untouched. With node-local storage every node's local rank 0 does the renaming for its
 node (``"checkpoint": {"use_node_local_storage": true}`` in the DeepSpeed JSON).
+
+Every checkpoint ends with ``manifest.json`` (size and sha256 of each file), written last, before
+the rename. :func:`verify` checks it; resuming from ``latest`` takes the newest checkpoint that
+verifies, says which ones it skipped, and moves those aside into ``.corrupt/``.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -30,12 +35,99 @@ import numpy as np
 import torch
 
 from ..delta import save_delta
+from ..errors import RunError
 
 logger = logging.getLogger("sparse_ft")
 
 PARTIAL = ".partial"
 LATEST = "latest"
 _SHARD_RANK = re.compile(r"zero_pp_rank_(\d+)_")
+MANIFEST = "manifest.json"
+CORRUPT = ".corrupt"
+
+
+class CorruptCheckpoint(Exception):
+    """A checkpoint fails verification; ``str()`` names the file and what is wrong."""
+
+    def __init__(self, path: Path, problem: str):
+        super().__init__(f"{path}: {problem}")
+        self.path, self.problem = path, problem
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """``manifest.json``: size and sha256 of every file under ``directory`` (written last)."""
+    files = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
+        rel = path.relative_to(directory).as_posix()
+        files[rel] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
+    _write_atomic(directory / MANIFEST, json.dumps({"format": "sparse-ft-checkpoint-manifest/1", "files": files},
+                                                   indent=1))
+
+
+def verify(directory: Path) -> bool:
+    """Check ``directory`` against its manifest; raise :class:`CorruptCheckpoint` naming the first bad
+    file. Returns False (nothing to check against) for a checkpoint written before manifests."""
+    directory = Path(directory)
+    manifest = directory / MANIFEST
+    if not manifest.is_file():
+        state = directory / "trainer_state.json"
+        try:
+            recorded = json.loads(state.read_text()).get("manifest")
+        except (OSError, ValueError, AttributeError) as e:
+            raise CorruptCheckpoint(state, f"unreadable ({e})") from None
+        if recorded:  # written by a version that writes manifests: its manifest is gone
+            raise CorruptCheckpoint(manifest, "missing")
+        return False
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CorruptCheckpoint(manifest, f"unreadable manifest ({e})") from None
+    for rel, want in files.items():
+        path = directory / rel
+        if not path.is_file():
+            raise CorruptCheckpoint(path, "missing")
+        size = path.stat().st_size
+        if size != want["size"]:
+            raise CorruptCheckpoint(path, f"{size} bytes, the manifest says {want['size']} (truncated or replaced)")
+        if file_sha256(path) != want["sha256"]:
+            raise CorruptCheckpoint(path, "content differs from its sha256 in the manifest (corrupted)")
+    return True
+
+
+def newest_intact(root: Path, quarantine: bool = False) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint under ``root`` that verifies (``latest`` first), and one line per newer
+    checkpoint skipped as corrupt. ``quarantine`` moves the skipped ones into ``.corrupt/`` so a
+    resumed run writes those steps afresh."""
+    root = Path(root)
+    tags = list_checkpoints(root)
+    pointer = root / LATEST
+    if pointer.is_file():
+        named = pointer.read_text().strip()
+        if named in tags:  # normally the newest; if not, still try it first
+            tags.remove(named)
+            tags.append(named)
+    skipped = []
+    for tag in reversed(tags):
+        try:
+            verify(root / tag)
+        except CorruptCheckpoint as bad:
+            skipped.append(str(bad))
+            if quarantine:
+                (root / CORRUPT).mkdir(exist_ok=True)
+                dest = root / CORRUPT / f"{tag}-{os.getpid()}"
+                os.replace(root / tag, dest)
+                skipped[-1] += f" (moved to {dest})"
+            continue
+        return root / tag, skipped
+    return None, skipped
 
 
 def tag_for(stage: int, step: int) -> str:
@@ -68,8 +160,12 @@ def read_latest(root: Path) -> Path | None:
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk or a kill signal leaves no temp file behind
+        raise
 
 
 def rng_state() -> dict:
@@ -159,22 +255,33 @@ class CheckpointManager:
         final = self.root / tag
         partial_root = self.root / PARTIAL
         if final.is_dir() and (final / "trainer_state.json").is_file():
-            return final  # already saved (e.g. the end of a run that resumed at its last step)
+            return final  # already saved (the end of a run that resumed at its last step; it verified)
         if self.is_writer:
             shutil.rmtree(partial_root / tag, ignore_errors=True)
             partial_root.mkdir(parents=True, exist_ok=True)
         torch.distributed.barrier()
-        with trained_module_state_only(engine):
-            engine.save_checkpoint(str(partial_root), tag=tag, client_state={"stage": stage, "step": step},
-                                   save_latest=False, exclude_frozen_parameters=True)
-        torch.save(rng_state(), partial_root / tag / f"rng_rank{self.rank}.pt")
-        save_delta(engine.module, partial_root / tag / "delta.safetensors", base_model=base_model, engine=engine,
-                   write=self.is_writer, extra_metadata=delta_metadata)
-        if self.is_writer:
-            _write_atomic(partial_root / tag / "trainer_state.json", json.dumps(trainer_state, indent=1))
-        torch.distributed.barrier()
-        if self.is_writer:
-            self._commit(tag)
+        try:
+            with trained_module_state_only(engine):
+                engine.save_checkpoint(str(partial_root), tag=tag, client_state={"stage": stage, "step": step},
+                                       save_latest=False, exclude_frozen_parameters=True)
+            torch.save(rng_state(), partial_root / tag / f"rng_rank{self.rank}.pt")
+            save_delta(engine.module, partial_root / tag / "delta.safetensors", base_model=base_model, engine=engine,
+                       write=self.is_writer, extra_metadata=delta_metadata)
+            if self.is_writer:
+                _write_atomic(partial_root / tag / "trainer_state.json",
+                              json.dumps({**trainer_state, "manifest": MANIFEST}, indent=1))
+            torch.distributed.barrier()
+            if self.is_writer:
+                write_manifest(partial_root / tag)  # last: every rank's files are complete
+                self._commit(tag)
+        except OSError as e:
+            if self.is_writer:
+                shutil.rmtree(partial_root / tag, ignore_errors=True)
+            kept = read_latest(self.root)
+            raise RunError(f"writing checkpoint {tag} under {self.root} failed ({e.strerror or e}); "
+                           f"{'the previous checkpoint ' + str(kept) + ' is intact' if kept else 'no checkpoint kept'}"
+                           "; free space or fix permissions there, then resume with train.resume_from=latest"
+                           ) from e
         torch.distributed.barrier()
         logger.info("checkpoint written: %s", final)
         return final
@@ -196,6 +303,8 @@ class CheckpointManager:
             partial.rmdir()  # not empty: something else is being written there; leave it
 
     def _prune(self, keep: str) -> None:
+        for stale in self.root.glob(LATEST + ".tmp*"):  # left by a process killed while moving `latest`
+            stale.unlink(missing_ok=True)
         tags = [t for t in list_checkpoints(self.root) if t != keep]
         excess = len(tags) + 1 - self.keep_last
         for tag in tags[:max(0, excess)]:
@@ -204,7 +313,7 @@ class CheckpointManager:
     def load(self, engine, path: Path) -> dict:
         """Restore engine state and this rank's RNG from ``path``; returns trainer_state."""
         path = Path(path)
-        state = json.loads((path / "trainer_state.json").read_text())
+        state = read_state(path)
         check_rank_files(path, self.rank)
         load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=False,
                                               load_optimizer_states=True, load_lr_scheduler_states=True)
@@ -212,8 +321,23 @@ class CheckpointManager:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
         rng_file = path / f"rng_rank{self.rank}.pt"
         if rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=False))
+            try:
+                rng = torch.load(rng_file, weights_only=False)
+            except Exception as e:  # noqa: BLE001 - any unpickling failure means a damaged file
+                    raise RunError(f"{rng_file} is unreadable ({type(e).__name__}); resume from an earlier checkpoint "
+                               "(train.resume_from=<dir>) or remove this one") from None
+            set_rng_state(rng)
         else:
             logger.warning("no RNG state for rank %d in %s (different world size?); dropout streams will differ",
                            self.rank, path)
         return state
+
+
+def read_state(path: Path) -> dict:
+    """``trainer_state.json`` of checkpoint ``path``; a damaged one is a RunError naming it."""
+    file = Path(path) / "trainer_state.json"
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise RunError(f"{file} is unreadable ({e}); resume from an earlier checkpoint (train.resume_from=<dir>) "
+                       "or remove this one") from None

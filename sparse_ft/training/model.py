@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
+from ..errors import ConfigError
 from ..ops.cache import cache_root, safe_name
 from ..quant import bnb_config, compute_dtype, is_quantized_linear, keep_standard_4bit_layout, require_bnb
 from .runtime import device
@@ -150,8 +152,22 @@ def load_config_only(mc: ModelConfig):
     from transformers import AutoConfig
 
     mc = resolve_gguf(mc)
-    with _hub_errors(mc):
+    config_file = Path(mc.name_or_path).expanduser() / "config.json"
+    if not config_file.is_file():
+        with _hub_errors(mc):
+            return AutoConfig.from_pretrained(mc.name_or_path, **_common_kwargs(mc))
+    # A local model directory: a damaged or unknown config.json is bad input, said before any weight loads.
+    try:
+        json.loads(config_file.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.name_or_path: {config_file} is not valid JSON ({e}); restore the model's "
+                          "config.json") from None
+    try:
         return AutoConfig.from_pretrained(mc.name_or_path, **_common_kwargs(mc))
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"model.name_or_path: transformers cannot read {config_file} "
+                          f"({str(e).splitlines()[0][:160]}); allowed: a config.json whose model_type this "
+                          "transformers knows (or set model.trust_remote_code=true for custom code)") from None
 
 
 @contextlib.contextmanager

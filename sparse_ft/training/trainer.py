@@ -21,14 +21,15 @@ import yaml
 from .. import api
 from ..config import RunConfig, TrainConfig, data_source, task_of
 from ..delta import save_delta
-from ..errors import ConfigError
+from ..errors import ConfigError, RunError
 from ..methods.base import find_targets
 from ..quant import make_optimizer
 from ..tasks import load_task_data
 from ..tasks.chat import set_chat_template
 from ..tasks.encode import encode_training_set, pack, pad, pad_packed
 from . import runtime
-from .checkpoint import CheckpointManager, read_latest
+from .checkpoint import (CheckpointManager, CorruptCheckpoint, list_checkpoints, newest_intact, read_latest,
+                         read_state, verify)
 from .data import BatchPlan
 from .ds_config import build_ds_config, zero_stage
 from .evaluate import evaluate
@@ -36,6 +37,7 @@ from .guard import DIVERGED_FILE, Diverged, count_nonfinite, local_grads, make_s
 from .jobstatus import WATCH, startup_barrier
 from .model import load_config_only, load_model, load_tokenizer, meta_model
 from .multitask import TaskMix
+from .rundir import RunLock, check_finished, check_resume_config, read_run_config
 
 logger = logging.getLogger("sparse_ft")
 
@@ -149,7 +151,39 @@ class Trainer:
         # Every rank checks the output directory before any rank writes to it.
         torch.distributed.barrier()
         check_output_dir(run)
+        self.run_lock = self._lock_output_dir(run)
         torch.distributed.barrier()
+        try:
+            self._setup(run)
+        except BaseException:
+            self.run_lock.release()
+            raise
+
+    def _lock_output_dir(self, run: RunConfig) -> RunLock:
+        """Rank 0 takes the run directory's lock; every rank learns whether it could (collective)."""
+        lock = RunLock(run.train.output_dir)
+        error = None
+        if self.rank == 0:
+            try:
+                lock.acquire()
+            except ConfigError as e:
+                error = e
+        failed = torch.tensor(float(error is not None))
+        runtime.all_reduce_(failed)
+        if error is not None:
+            raise error
+        if failed.item():
+            raise ConfigError(f"train.output_dir = {run.train.output_dir!r}: rank 0 could not take the run "
+                              "directory's lock (see its message)")
+        return lock
+
+    def _setup(self, run: RunConfig) -> None:
+        self.output_dir = Path(run.train.output_dir)
+        # A run that finished here is never trained over: resubmitted unchanged it is a no-op.
+        self.finished_results = (check_finished(Path(run.train.output_dir), run.to_dict())
+                                 if run.train.resume_from and not run.train.overwrite_output_dir else None)
+        if self.finished_results is not None:
+            return
         check_targets(run)
         self.precision = runtime.resolve_precision(run.train.precision)
         if run.train.precision == "auto":
@@ -194,6 +228,7 @@ class Trainer:
         # Divergence guard counters: skipped steps in the whole run, and in a row (saved in checkpoints).
         self.bad_steps = 0
         self.consecutive_bad_steps = 0
+        self.last_loss = float("nan")  # the last step's mean loss (kept in checkpoints for results.json)
         self.metrics = MetricsWriter(self.output_dir / "metrics.jsonl", self.rank == 0)
         ckpt_root = Path(run.train.checkpoint_dir or self.output_dir / "checkpoints")
         self.ds_config = self._ds_config(run.train)
@@ -309,7 +344,8 @@ class Trainer:
 
             bar = tqdm(total=total_steps, initial=start_step, desc=stage_name if multi else "train", dynamic_ncols=True)
         engine.train()
-        step, last_loss = start_step, float("nan")
+        # A run resumed at its last step trains nothing: its loss is the one the checkpoint recorded.
+        step, last_loss = start_step, (self.last_loss if start_step else float("nan"))
         tag = {"stage": stage_name} if multi else {}
         while step < total_steps:
             t0 = time.perf_counter()
@@ -342,7 +378,7 @@ class Trainer:
             loss_total, n_micro, n_tokens, n_bad_grads, grad_sq_total = stats.tolist()  # the step's one host transfer
             # ZeRO-1/2/3 ranks hold disjoint shares; without ZeRO every rank holds all of the reduced gradients.
             grad_norm = math.sqrt(grad_sq_total / (self.world if engine.zero_optimization_stage() == 0 else 1))
-            last_loss = loss_total / n_micro
+            last_loss = self.last_loss = loss_total / n_micro
             step_lr = self.scheduler.get_last_lr()[0]
             reason = ("non-finite loss" if not math.isfinite(loss_total) else
                       "non-finite gradient" if n_bad_grads > 0 else None)
@@ -375,7 +411,7 @@ class Trainer:
             max_bad = self.run_config.train.max_bad_steps
             if max_bad and self.consecutive_bad_steps >= max_bad:
                 # No checkpoint now: the last one written before the bad run stays `latest`.
-                last = read_latest(self.checkpoints.root)
+                last, _ = newest_intact(self.checkpoints.root)  # "last good" means it verifies
                 raise Diverged(step, step_lr, self.consecutive_bad_steps, self.bad_steps, stage_name, reason,
                                str(last) if last is not None else None)
             if tc.eval_every and step % tc.eval_every == 0 and step < total_steps and self.data.dev:
@@ -397,7 +433,8 @@ class Trainer:
     def save_checkpoint(self, stage_index: int, step: int, total_steps: int, stage_results: dict) -> Path:
         state = {"stage": stage_index, "step": step, "total_steps": total_steps, "metrics_rows": self.metrics.rows,
                  "stage_results": stage_results, "world_size": self.world, "bad_steps": self.bad_steps,
-                 "consecutive_bad_steps": self.consecutive_bad_steps}
+                 "consecutive_bad_steps": self.consecutive_bad_steps, "last_loss": self.last_loss,
+                 "run_config": self.run_config.to_dict()}
         return self.checkpoints.save(self.engine, stage_index, step, state, self.run_config.model.name_or_path,
                                      self.delta_metadata())
 
@@ -410,18 +447,54 @@ class Trainer:
         return {"model_kwargs": kwargs}
 
     def _resume_point(self) -> Path | None:
-        resume = self.run_config.train.resume_from
+        """The checkpoint to resume from: ``latest`` is the newest one that verifies against its
+        manifest (newer corrupt ones are moved into ``.corrupt/``, and the log says so); a named
+        directory must verify. Collective: the writer verifies, every rank learns the outcome."""
+        run = self.run_config
+        resume = run.train.resume_from
         if not resume:
             return None
-        if resume == "latest":
-            path = read_latest(self.checkpoints.root)
-            if path is None:
-                logger.info("train.resume_from=latest: no checkpoint in %s yet, starting fresh", self.checkpoints.root)
-            return path
-        path = Path(resume)
-        if not (path / "trainer_state.json").is_file():
-            raise ConfigError(f"train.resume_from = {resume!r} is not a complete sparse-ft checkpoint "
-                              "(no trainer_state.json)")
+        if run.train.overwrite_output_dir and resume == "latest":
+            logger.warning("train.overwrite_output_dir=true: starting afresh; train.resume_from=latest is ignored")
+            return None
+        root = self.checkpoints.root
+        error, path = None, None
+        if resume != "latest":
+            path = Path(resume)
+            if not (path / "trainer_state.json").is_file():
+                raise ConfigError(f"train.resume_from = {resume!r} is not a complete sparse-ft checkpoint "
+                                  "(no trainer_state.json)")
+        if self.checkpoints.is_writer:
+            try:
+                if resume == "latest":
+                    path, skipped = newest_intact(root, quarantine=True)
+                    for line in skipped:
+                        logger.warning("checkpoint failed verification, skipped: %s", line)
+                    if skipped and path is not None:
+                        logger.warning("resuming from %s, the newest checkpoint that verifies", path)
+                        from .checkpoint import LATEST, _write_atomic
+
+                        _write_atomic(root / LATEST, path.name)
+                    if path is None and skipped:
+                        error = RunError(f"no intact checkpoint in {root} ({'; '.join(skipped)}); start afresh with "
+                                         "train.overwrite_output_dir=true or resume a copy that verifies")
+                elif not verify(path):
+                    logger.warning("%s has no manifest (written by an older sparse-ft): not verified", path)
+            except CorruptCheckpoint as bad:
+                error = RunError(f"train.resume_from: checkpoint {path} is corrupt ({bad}); resume from another "
+                                 "checkpoint or start afresh")
+            except OSError as e:
+                error = RunError(f"cannot check the checkpoints in {root} ({e}); fix permissions there")
+        failed = torch.tensor(float(error is not None))
+        runtime.all_reduce_(failed)
+        if error is not None:
+            raise error
+        if failed.item():
+            raise RunError(f"the checkpoints in {root} could not be verified (see the writer rank's message)")
+        if resume == "latest" and not self.checkpoints.is_writer:
+            path = read_latest(root)  # the writer has moved any corrupt newer ones aside
+        if path is None:
+            logger.info("train.resume_from=latest: no checkpoint in %s yet, starting fresh", root)
         return path
 
     def _check_same_resume(self, resume_path: Path | None) -> None:
@@ -437,12 +510,45 @@ class Trainer:
                               f"checkpoints in {self.checkpoints.root} ({where}). With node-local checkpoints "
                               "every node needs its own copy of the checkpoint directory, at the same path")
 
+    def _clear_old_run(self) -> None:
+        """train.overwrite_output_dir=true, starting afresh: the earlier run's checkpoints and final
+        files go, so none of them can be taken for this run's (rank 0 / the writers)."""
+        import shutil
+
+        root = self.checkpoints.root
+        if self.checkpoints.is_writer and root.is_dir():
+            for tag in list_checkpoints(root):
+                shutil.rmtree(root / tag, ignore_errors=True)
+            (root / "latest").unlink(missing_ok=True)
+        if self.rank == 0:
+            for name in ("results.json", "delta.safetensors"):
+                (self.output_dir / name).unlink(missing_ok=True)
+
     def run(self) -> dict:
+        run = self.run_config
+        if self.finished_results is not None:
+            logger.info("%s: this run finished already (results.json) with this config; nothing to do",
+                        self.output_dir)
+            self.run_lock.release()
+            return self.finished_results
+        try:
+            return self._run()
+        finally:
+            self.run_lock.release()
+
+    def _run(self) -> dict:
         run = self.run_config
         self._stages = run.method.stages(run.train)
         resume_path = self._resume_point()
         self._check_same_resume(resume_path)
-        resume_state = json.loads((resume_path / "trainer_state.json").read_text()) if resume_path else None
+        resume_state = read_state(resume_path) if resume_path else None
+        if resume_state is not None:
+            saved = resume_state.get("run_config") or read_run_config(self.output_dir)
+            check_resume_config(saved, run.to_dict(), resume_path)
+            self.last_loss = resume_state.get("last_loss", float("nan"))
+        elif run.train.overwrite_output_dir:
+            self._clear_old_run()
+            torch.distributed.barrier()
         if resume_state and resume_state.get("world_size", self.world) != self.world:
             logger.warning("resuming a checkpoint written by %d processes with %d: the data order per rank differs",
                            resume_state["world_size"], self.world)
@@ -477,6 +583,10 @@ class Trainer:
             plan = (self.mix.plan(tc.micro_batch_size, tc.grad_accum, self.world, tc.seed) if self.mix is not None else
                     BatchPlan(self.n_items, tc.micro_batch_size, tc.grad_accum, self.world, tc.seed))
             total = plan.total_steps(tc.epochs, tc.max_steps)
+            if s == resume_stage and resume_state["step"] > total:
+                raise ConfigError(f"train.max_steps/epochs: the checkpoint {resume_path} is at step "
+                                  f"{resume_state['step']}, past the {total} steps this config runs; allowed: a step "
+                                  "budget of at least that many steps")
             self.build_engine(tc, total)
             start = 0
             if s == 0 and run.train.eval_before and self.data.test and resume_state is None:
@@ -515,9 +625,15 @@ class Trainer:
             save_delta(self.engine.module, self.output_dir / "delta.safetensors", base_model=run.model.name_or_path,
                        engine=self.engine, extra_metadata=self.delta_metadata())
         if self.rank == 0:
-            tmp = self.output_dir / "results.json.tmp"
-            tmp.write_text(json.dumps(results, indent=2))
-            os.replace(tmp, self.output_dir / "results.json")
+            tmp = self.output_dir / f"results.json.tmp{os.getpid()}"
+            try:
+                tmp.write_text(json.dumps(results, indent=2))
+                os.replace(tmp, self.output_dir / "results.json")
+            except OSError as e:
+                tmp.unlink(missing_ok=True)
+                raise RunError(f"writing {self.output_dir / 'results.json'} failed ({e.strerror or e}); free space "
+                               "there and resubmit with train.resume_from=latest (the final checkpoint is kept)"
+                               ) from e
         self.metrics.close()
         return results
 

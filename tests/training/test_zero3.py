@@ -68,6 +68,8 @@ def test_zero3_resume_is_exact(runs):
     assert losses(straight) == losses(split)
     a, b = load_file(str(straight / "delta.safetensors")), load_file(str(split / "delta.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # results.json too: train loss, test accuracy before and after (issue 14)
+    assert json.loads((straight / "results.json").read_text()) == json.loads((split / "results.json").read_text())
 
 
 @pytest.mark.parametrize("arch", ["llama", "opt"])
