@@ -12,6 +12,8 @@ few-shot protocol where test labels are not public), each capped at what exists.
 """
 from __future__ import annotations
 
+import contextlib
+
 import glob
 import json
 import random
@@ -130,6 +132,17 @@ def _locate_bad_json(path: Path) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _no_progress_bars(datasets):
+    was_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_on:
+            datasets.enable_progress_bars()
+
+
 def _load_file(path: str):
     import datasets
 
@@ -138,13 +151,29 @@ def _load_file(path: str):
     if fmt in ("json", "csv") and not p.read_text(errors="replace").strip():
         raise ConfigError(f"{p} is empty: no rows to train on")
     try:
-        return datasets.load_dataset(fmt, data_files=str(p), split="train")
+        with _no_progress_bars(datasets):  # a local file reads in well under a second: no bars on stderr
+            loaded = datasets.load_dataset(fmt, data_files=str(p), split="train")
     except Exception as e:  # the builders raise many types; say which file and, when we can, which line
         located = _locate_bad_json(p) if fmt == "json" else None
         cause = e.__cause__ or e
         if "corresponds to no data" in str(cause):  # a csv with a header only
             raise ConfigError(f"{p} is empty: no rows to train on") from None
         raise ConfigError(located or f"{p} cannot be read as {fmt}: {type(cause).__name__}: {cause}") from None
+    if fmt == "json":
+        _check_label_types(p, loaded)
+    return loaded
+
+
+def _check_label_types(path: Path, loaded) -> None:
+    """A ``label`` column of mixed JSON types (``"1"`` beside ``1``) is typed ``Json`` by datasets,
+    which then hands the string back as a number: find the first non-integer label in the file."""
+    feature = loaded.features.get("label")
+    if feature is None or type(feature).__name__ != "Json":
+        return
+    for row_no, line in enumerate((ln for ln in path.read_text().splitlines() if ln.strip()), 1):
+        value = json.loads(line).get("label") if line.lstrip().startswith("{") else None
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"{path} row {row_no}: label {value!r}; allowed: an integer")
 
 
 def _rows_of(dataset, name: str, columns: dict) -> Rows:
@@ -247,15 +276,17 @@ def check_labels(task: Task, rows: Rows) -> None:
     """Every row (not only the sampled ones) turns into examples whose labels index their options: a
     label of -1, which Python would read from the end of the option list, or one past the options,
     fails here naming the file and row, before the model loads."""
+    n_options = len(getattr(task, "verbalizer", None) or ()) or None  # fixed options (sst2's two words)
+    allowed = f"0..{n_options - 1}" if n_options else "an integer >= 0 indexing its options"
     for i, row in enumerate(rows.rows):
-        if "label" in row and (isinstance(row["label"], bool) or not isinstance(row["label"], int) or row["label"] < 0):
-            raise ConfigError(f"{rows.where(i)}: label {row['label']!r}; allowed for task {task.name!r}: "
-                              "an integer >= 0 indexing its options")
+        label = row.get("label", 0) if isinstance(row, dict) else 0
+        if isinstance(label, bool) or not isinstance(label, int) or label < 0 or (n_options and label >= n_options):
+            raise ConfigError(f"{rows.where(i)}: label {label!r}; allowed for task {task.name!r}: {allowed}")
         try:
             examples = task.examples(row)
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
-            raise ConfigError(f"{rows.where(i)}: task {task.name!r} cannot read this row ({type(e).__name__}: {e})") \
-                from None
+            what = f"missing column {e}" if isinstance(e, KeyError) else str(e)
+            raise ConfigError(f"{rows.where(i)}: task {task.name!r} cannot read this row: {what}") from None
         for ex in examples:
             labels = ex.label if isinstance(ex.label, list) else [] if ex.label is None else [ex.label]
             if ex.options and any(not isinstance(lab, int) or not 0 <= lab < len(ex.options) for lab in labels):

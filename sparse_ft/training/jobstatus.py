@@ -55,6 +55,8 @@ def exit_code_for(error: BaseException) -> int:
 def write_exit_status(output_dir: str | os.PathLike, record: dict) -> None:
     """Atomically (temp file + rename), so a reader never sees half a record."""
     out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        return  # output_dir is a file: the error being reported says so; nowhere to write the status
     try:
         out.mkdir(parents=True, exist_ok=True)
         tmp = out / f"{EXIT_STATUS_FILE}.tmp{os.getpid()}"
