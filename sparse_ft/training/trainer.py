@@ -448,7 +448,8 @@ class Trainer:
         resume_state = read_state(resume_path) if resume_path else None
         if resume_state is not None:
             saved = resume_state.get("run_config") or read_run_config(self.output_dir)
-            check_resume_config(saved, run.to_dict(), resume_path)
+            check_resume_config(saved, run.to_dict(), resume_path,
+                                diverged=(self.output_dir / DIVERGED_FILE).is_file())
             self.last_loss = resume_state.get("last_loss", float("nan"))
         elif run.train.overwrite_output_dir:
             self._clear_old_run()
