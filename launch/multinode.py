@@ -8,11 +8,11 @@ Multi-node training with the deepspeed launcher (pdsh/ssh to the hosts of a host
 hostfile, filters and config before anything starts, writes ``--env`` pairs to ``.deepspeed_env``
 (which the deepspeed launcher exports on every node) and runs
 ``deepspeed --hostfile ... launch/train.py --config X.yaml ...``; ``--dry-run`` prints it instead.
-The logic is in ``sparse_ft.launchers``; see launch/README.md.
+The logic is in ``sparse_ft.launch.multinode``; see launch/README.md.
 """
 import sys
 
-from sparse_ft.launchers import multinode_main
+from sparse_ft.launch.multinode import multinode_main
 
 if __name__ == "__main__":
     sys.exit(multinode_main())

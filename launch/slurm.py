@@ -8,11 +8,11 @@ Launches training on every node of a SLURM job, either as ``srun ... torchrun --
 (default; no ssh between nodes needed) or as a deepspeed hostfile plus ``deepspeed --hostfile``.
 Reads SLURM_JOB_NODELIST, SLURM_NNODES, SLURM_JOB_ID and SLURM_GPUS_ON_NODE (or --gpus-per-node).
 ``--dry-run`` prints the hostfile (deepspeed) and the command. The logic is in
-``sparse_ft.launchers``; see launch/README.md.
+``sparse_ft.launch.slurm``; see launch/README.md.
 """
 import sys
 
-from sparse_ft.launchers import slurm_main
+from sparse_ft.launch.slurm import slurm_main
 
 if __name__ == "__main__":
     sys.exit(slurm_main())

@@ -6,11 +6,11 @@
 
 Training with torchrun: one node (``--standalone``), or several with static node ranks (run the
 same command on every node with its own ``--node-rank``). ``--dry-run`` prints the command.
-The logic is in ``sparse_ft.launchers``; see launch/README.md.
+The logic is in ``sparse_ft.launch.torchrun``; see launch/README.md.
 """
 import sys
 
-from sparse_ft.launchers import torchrun_main
+from sparse_ft.launch.torchrun import torchrun_main
 
 if __name__ == "__main__":
     sys.exit(torchrun_main())

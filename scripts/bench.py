@@ -20,7 +20,8 @@ runs in the same process on the same base weights: the method is applied, timed 
   random ``U V`` with ``alpha2`` = 8 folded into the weights (the shape of a real stage 2).
 
 ``--device cpu`` runs the same rows on the CPU in fp32 (to try the script; CPU timings say nothing
-about the GPU targets, and peak memory is not measured there). ``--png`` draws step time and peak
+about the GPU targets, and peak memory is not measured there), ``--zero 3`` included. Each row also
+records ``setup_s``, the untimed time to apply its method (for ``dsee``: mostly the RPCA of Omega). ``--png`` draws step time and peak
 memory per row.
 
 With ``--zero 3`` the model is built under ``deepspeed.zero.Init`` and trained through a ZeRO-3
@@ -73,9 +74,12 @@ def build_model(shape: str, zero: int, ds_config: dict | None, device: str = "cu
     config._attn_implementation = "sdpa"
     if zero == 3:
         import deepspeed
+        from transformers import LlamaForCausalLM  # noqa: F401
 
+        # The model's module imported first: importing it (and torch._dynamo through it) inside
+        # zero.Init, which patches tensor construction, fails on recent torch.
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
     else:
         # fp32 on the CPU: bf16 matmuls there are far slower than fp32 ones.
         with torch.device(device):
@@ -168,17 +172,26 @@ def apply_row(model, row: str):
 
 
 def time_row(model, row, args, ds_config):
+    t0 = time.perf_counter()
     call, undo, label = apply_row(model, row)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    setup_s = time.perf_counter() - t0
     params = [p for p in call.parameters() if p.requires_grad]
     engine = None
+    cuda = args.device == "cuda"
+    fused = {"fused": True} if cuda else {}
+    if args.zero == 3 and not params:
+        # DeepSpeed's engine without an optimizer refuses backward, and torch's own is refused too.
+        print(f"  {label}: skipped under ZeRO-3 (nothing trains; compare with the stage-0 floor)", flush=True)
+        undo()
+        return None
     if args.zero == 3:
         import deepspeed
 
-        opt = torch.optim.AdamW(params, lr=1e-4, fused=True) if params else None
+        opt = torch.optim.AdamW(params, lr=1e-4, **fused) if params else None
         engine, *_ = deepspeed.initialize(model=call, optimizer=opt, config=ds_config)
         call = engine
-    cuda = args.device == "cuda"
-    fused = {"fused": True} if cuda else {}
     opt = torch.optim.AdamW(params, lr=1e-4, **fused) if params and engine is None else None
     gen = torch.Generator(device=args.device).manual_seed(0)
     ids = torch.randint(0, SHAPES[args.shape]["vocab_size"], (args.batch, args.seq), device=args.device,
@@ -214,7 +227,7 @@ def time_row(model, row, args, ds_config):
     if cuda:
         torch.cuda.empty_cache()
     return {"row": row, "label": label, "step_ms": statistics.median(times), "step_ms_min": min(times),
-            "peak_gib": peak, "trainable": n_train, "zero": args.zero}
+            "peak_gib": peak, "trainable": n_train, "zero": args.zero, "setup_s": setup_s}
 
 
 def main() -> int:
@@ -241,15 +254,16 @@ def main() -> int:
 
         init_distributed()
         ds_config = build_ds_config("zero3", json.loads(args.ds_overrides), micro_batch_size=args.batch,
-                                    grad_accum=1, world_size=1, max_grad_norm=0.0, precision="bf16",
+                                    grad_accum=1, world_size=1, max_grad_norm=0.0,
+                                    precision="bf16" if args.device == "cuda" else "fp32",
                                     hidden_size=SHAPES[args.shape]["hidden_size"])
-    if args.zero == 3 and args.device != "cuda":
-        raise SystemExit("--zero 3 needs --device cuda")
     model = build_model(args.shape, args.zero, ds_config, args.device)
     results = []
     for row in args.rows.split(","):
-        results.append(time_row(model, row, args, ds_config))
-        r = results[-1]
+        r = time_row(model, row, args, ds_config)
+        if r is None:
+            continue
+        results.append(r)
         print(f"  {r['label']:<34} {r['step_ms']:8.1f} ms  {r['peak_gib']:6.2f} GiB", flush=True)
     floor = next((r for r in results if r["row"] == "floor"), None)
     lora = next((r for r in results if r["row"] == "lora"), None)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Peak memory and step time of Random Masking on a bf16 base against an NF4 (bitsandbytes) base.
 
-    python scripts/bench_quantized.py --shape 13b --out scripts/results/bench_quantized_13b.json
+    python scripts/bench_quantized.py --shape 13b --out docs/results/bench_quantized_13b.json
     python scripts/bench_quantized.py --shape tiny --batch 2 --seq 64 --steps 3 --warmup 1   # CPU smoke run
     python scripts/bench_quantized.py --section op --op-size 1024 --tokens 512               # the two op paths
 

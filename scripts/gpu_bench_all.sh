@@ -1,25 +1,96 @@
 #!/usr/bin/env bash
-# The GPU measurements behind the README's performance tables, in one go (about 6 minutes on one
-# H100, more with the methods, rpca and quant parts, which have not been run yet). Writes JSON (and
-# PNG plots) under $OUT (default ./bench_out) and prints every table.
-#   bash scripts/gpu_bench_all.sh            # all
-#   PARTS="sddmm 7b" bash scripts/gpu_bench_all.sh
+# Every GPU measurement of the performance page in one go, side by side on one machine, in priority
+# order inside a time budget (the device lease is short): each part writes JSON under $BENCH_OUT
+# (default ./bench_out), gets at most its own timeout and what is left of BUDGET_S, and a failing or
+# skipped part does not stop the others. At the end scripts/gpu_bench_summary.py writes
+# $BENCH_OUT/summary.json (every row against its target) and prints the table; where the device
+# tool's $OUT is set, the whole folder also goes there as gpu_bench.tgz, with summary.json and log.txt.
+#
+#   bash scripts/gpu_bench_all.sh                       # H200/H100: everything, about 8-9 minutes
+#   PARTS="7b z3" bash scripts/gpu_bench_all.sh         # some parts
+#   SMOKE=1 bash scripts/gpu_bench_all.sh               # CPU: the same parts at the tiny shape
+#
+# Parts (in run order): 7b (floor, LoRA, Random Masking 1% / 0.1%, DSEE, ProPETL lora/adapter, LoReML
+# stage 1 / 2, one process, 7B shape), z3 (ZeRO-3 on one GPU: floor, RM 0.1%; stage 0 is the 7b
+# part), quant (13B bf16 vs NF4 base: step and peak memory), 13b (13B floor, RM 1% / 0.1%: memory
+# over the floor), rpca (DSEE Omega for the 64 q/v 4096x4096 of 7B), sddmm (the values' gradient
+# kernels over densities), test (the GPU kernel tests), z3tuned (ZeRO-3 with prefetch/persistence
+# overrides).
 set -u
-out=${OUT:-bench_out}
-parts=${PARTS:-"test sddmm 7b methods 13b z3 rpca quant"}
+cd "$(dirname "$0")/.."
+out=${BENCH_OUT:-bench_out}
+parts=${PARTS:-"7b z3 quant 13b rpca sddmm test z3tuned"}
+budget=${BUDGET_S:-530}
+smoke=${SMOKE:-0}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-run() { echo "== $*"; timeout 300 "$@" 2>&1 | grep -v -i "warn" | tail -${TAIL:-14}; }
+start=$(date +%s)
+log="$out/log.txt"
+: > "$log"
 has() { [[ " $parts " == *" $1 "* ]]; }
-has test && TAIL=4 run python -m pytest -q -p no:cacheprovider tests/ops -k "triton or cuda"
-has sddmm && TAIL=12 run python scripts/bench_sddmm.py --out "$out/sddmm.json"
-has 7b && TAIL=11 run python scripts/bench.py --shape 7b --steps 20 --rows floor,lora,naive:1e-3,rm:1e-2,rm:1e-3,rm:1e-4,rm:1e-5 --out "$out/bench_7b.json"
-has methods && TAIL=8 run python scripts/bench.py --shape 7b --steps 20 --rows floor,lora,rm:1e-3,dsee,loreml2:5e-3,propetl:lora,propetl:adapter --out "$out/bench_7b_methods.json" --png "$out/bench_7b_methods.png"
-has 13b && TAIL=8 run python scripts/bench.py --shape 13b --steps 15 --rows floor,lora,rm:1e-2,rm:1e-3 --out "$out/bench_13b.json"
-has z3 && TAIL=5 run python scripts/bench.py --shape 7b --zero 3 --rows rm:1e-3 --out "$out/bench_7b_z3_default.json"
-has z3 && TAIL=5 run python scripts/bench.py --shape 7b --zero 3 --rows rm:1e-3 --out "$out/bench_7b_z3_tuned.json" \
-  --ds-overrides '{"zero_optimization": {"overlap_comm": true, "stage3_prefetch_bucket_size": 5e8, "stage3_max_live_parameters": 3e9, "stage3_max_reuse_distance": 3e9}}'
-has z3 && TAIL=5 run python scripts/bench.py --shape 7b --zero 3 --rows floor,lora,rm:1e-3 --out "$out/bench_7b_z3_rows.json" --png "$out/bench_7b_z3.png"
-has rpca && TAIL=4 run python scripts/bench_rpca.py matrices --shape 4096x4096 --count 64 --device cuda --out "$out/rpca_7b.json"
-has quant && TAIL=8 run python scripts/bench_quantized.py --shape 13b --out "$out/quantized_13b.json"
+
+# run NAME TIMEOUT CMD...: at most TIMEOUT seconds and never past the budget; the outcome goes to
+# $out/parts.txt (ok, failed rc, timeout, skipped) for the summary.
+run() {
+  local name=$1 limit=$2
+  shift 2
+  local left=$((budget - ($(date +%s) - start)))
+  if ((left < 20)); then
+    echo "== $name: skipped (budget of ${budget}s spent)" | tee -a "$log"
+    echo "$name skipped" >> "$out/parts.txt"
+    return
+  fi
+  ((limit > left)) && limit=$left
+  echo "== $name (limit ${limit}s, ${left}s of the budget left): $*" | tee -a "$log"
+  local t0=$(date +%s)
+  timeout "$limit" "$@" 2>&1 | grep -v -i -e "warn" -e "it/s]" >> "$log"
+  local rc=${PIPESTATUS[0]}
+  local status=ok
+  ((rc == 124)) && status=timeout
+  ((rc != 0 && rc != 124)) && status="failed_rc$rc"
+  echo "$name $status $(($(date +%s) - t0))" >> "$out/parts.txt"
+  echo "   $name: $status in $(($(date +%s) - t0))s" | tee -a "$log"
+  tail -n "${TAIL:-12}" "$log" | grep -v "^== \|^   [a-z0-9]*: " || true
+}
+
+: > "$out/parts.txt"
+if [[ $smoke == 1 ]]; then
+  # CPU, tiny shapes: every part's code path, nothing measured that means anything.
+  B7=(--shape tiny --device cpu --batch 2 --seq 32 --warmup 1 --steps 2)
+  B13=("${B7[@]}")
+  Q=(--shape tiny --batch 2 --seq 32 --warmup 1 --steps 2)
+  R=(--shape 256x256 --count 4 --device cpu)
+  Z=(--device cpu)
+else
+  B7=(--shape 7b --steps 10 --warmup 3)
+  B13=(--shape 13b --steps 8 --warmup 2)
+  Q=(--shape 13b --steps 8 --warmup 2)
+  R=(--shape 4096x4096 --count 64 --device cuda)
+  Z=()
+fi
+{ echo "start $(date -u +%FT%TZ) smoke=$smoke parts=$parts budget=${budget}s"; nproc; uptime
+  python -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')"
+  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.sm,temperature.gpu --format=csv
+} >> "$log" 2>&1
+
+has 7b && run 7b 200 python scripts/bench.py "${B7[@]}" --out "$out/bench_7b.json" \
+  --rows floor,lora,rm:1e-2,rm:1e-3,dsee,propetl:lora,propetl:adapter,loreml1,loreml2:5e-3
+has z3 && run z3 120 python scripts/bench.py "${B7[@]}" "${Z[@]}" --zero 3 --rows rm:1e-3 --out "$out/bench_7b_z3.json"
+has quant && run quant 120 python scripts/bench_quantized.py "${Q[@]}" --out "$out/quantized_13b.json"
+has 13b && run 13b 90 python scripts/bench.py "${B13[@]}" --rows floor,rm:1e-2,rm:1e-3 --out "$out/bench_13b.json"
+has rpca && run rpca 90 python scripts/bench_rpca.py matrices "${R[@]}" --out "$out/rpca_7b.json"
+if [[ $smoke != 1 ]]; then
+  has sddmm && run sddmm 60 python scripts/bench_sddmm.py --out "$out/sddmm.json"
+fi
+has test && run test 90 python -m pytest -q -p no:cacheprovider tests/ops -k "triton or cuda"
+has z3tuned && run z3tuned 100 python scripts/bench.py "${B7[@]}" "${Z[@]}" --zero 3 --rows rm:1e-3 \
+  --out "$out/bench_7b_z3_tuned.json" --ds-overrides '{"zero_optimization": {"overlap_comm": true,
+  "stage3_prefetch_bucket_size": 5e8, "stage3_param_persistence_threshold": 1e6, "stage3_max_live_parameters": 3e9,
+  "stage3_max_reuse_distance": 3e9}}'
+
+python scripts/gpu_bench_summary.py "$out" 2>&1 | tee -a "$log"
+echo "total $(($(date +%s) - start))s" | tee -a "$log"
+if [[ -n ${OUT:-} && -d ${OUT:-} && $(cd "$OUT" && pwd) != $(cd "$out" && pwd) ]]; then
+  tar czf "$OUT/gpu_bench.tgz" -C "$out" . && cp "$out/summary.json" "$log" "$OUT/" 2>/dev/null
+fi
 exit 0

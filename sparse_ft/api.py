@@ -9,7 +9,7 @@ from torch import nn
 from .errors import ConfigError
 from .methods import DeltaLinear, MethodConfig
 from .methods.base import find_targets, replace_module
-from .quant import dequantize, model_dtype
+from .quant import dequantize, keep_standard_4bit_layout, model_dtype
 from .zero import gathered
 
 logger = logging.getLogger("sparse_ft")
@@ -35,6 +35,7 @@ def apply(model: nn.Module, config: MethodConfig, delta: dict[str, torch.Tensor]
         raise ConfigError("this model already has a sparse-ft method applied; merge it first or start "
                           "from the base model")
     targets = find_targets(model, config.target_modules) if config.target_modules else []
+    keep_standard_4bit_layout(model)  # a quantized base computes the same on every CPU (sparse_ft.quant)
     for p in model.parameters():
         p.requires_grad_(False)
     config.apply_to(model, targets, delta=delta)

@@ -12,6 +12,7 @@ import difflib
 import os
 import typing
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,19 @@ import yaml
 
 from .errors import ConfigError
 from .methods import MethodConfig, RandomMaskConfig, config_from_dict
+from .quant import OPTIMIZERS, QUANT_DTYPES, QUANTIZATIONS, require_bnb
+from .tasks import TASKS, get_task
+from .tasks.chat import check_template_name
+from .tasks.data import DataSource, check_data_files, check_local_files
+from .tasks.encode import TRUNCATIONS
+from .training.ds_config import offloaded, resolve_ds_config_path, zero_settings
+from .training.evaluate import EVAL_METRICS
+from .training.guard import check_max_bad_steps
+from .training.tracking import check_report_to
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-SCHEDULES = ("constant", "linear")
+SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+             "warmup_stable_decay")
 
 
 @dataclass
@@ -64,12 +75,54 @@ class ModelConfig:
 @dataclass
 class TaskConfig:
     name: str = "sst2"
-    """Task registry name: sst2, rte, cb, boolq, wsc, wic, multirc, copa, record, squad, drop,
-    instruction."""
+    """Task registry name: sst2, rte, cb, boolq, wsc, wic, multirc, copa, record, squad, drop
+    (built-in templates), instruction (prompt/response rows), alpaca (instruction, input, output)
+    or messages (chat conversations); see docs/data.md."""
 
     data_dir: str | None = None
     """Local folder of jsonl files in the hub's schema (``<data_dir>/<task>/train.jsonl`` and
     ``validation.jsonl``). None loads from the Hugging Face hub."""
+
+    data_files: str | dict | None = None
+    """Local data files read with ``datasets.load_dataset``: json, jsonl, parquet or csv. A path or
+    glob (the train split), or a mapping of split name to path/glob (``{train: a.jsonl,
+    validation: b.jsonl}``). Takes precedence over ``dataset`` and ``data_dir``."""
+
+    dataset: str | None = None
+    """A dataset for ``datasets.load_dataset``: hub id (``tatsu-lab/alpaca``), local dataset
+    directory, or a folder written by ``Dataset.save_to_disk``. Built-in tasks read it with their
+    template (e.g. a mirror of SST-2)."""
+
+    subset: str | None = None
+    """Configuration (subset) name of ``dataset``."""
+
+    split: str = "train"
+    """Split of ``dataset``/``data_files`` to train on (train and dev examples are drawn from it)."""
+
+    test_split: str | None = None
+    """Split the test examples come from; default ``validation`` (taken from the train split,
+    after train and dev, when it does not exist)."""
+
+    columns: dict = field(default_factory=dict)
+    """Rename the data's columns to the names the task reads: ``{template column: your column}``,
+    e.g. ``{instruction: question, output: answer}`` for alpaca or ``{messages: conversations}``."""
+
+    chat_template: str = "auto"
+    """alpaca and messages tasks: ``auto`` (the tokenizer's chat template; an error if it has
+    none), a built-in one (``chatml``, ``alpaca``) or a Jinja template string."""
+
+    system_prompt: str | None = None
+    """alpaca and messages tasks: system message put first in every conversation that has none."""
+
+    truncation: str = "left"
+    """Training examples longer than ``max_length``: ``left`` cuts the prompt (earlier turns) from
+    the left and keeps the answer whole, ``drop`` leaves the example out. Either way they are counted
+    and logged; an example whose last answer alone does not fit is always dropped, never cut."""
+
+    packing: bool = False
+    """Pack consecutive short training examples into sequences of up to ``max_length`` tokens;
+    attention stays within each example (block-diagonal mask, position ids restart), so the loss
+    equals the unpacked one. Fewer padded tokens, fewer steps per epoch."""
 
     num_train: int = 1000
     """Training examples sampled from the train split (MeZO protocol: 1000); -1 for all."""
@@ -135,20 +188,28 @@ class TrainConfig:
     every method, ``full`` included. The ``adam_*`` and ``weight_decay`` keys apply to all three."""
 
     schedule: str = "constant"
-    """``constant`` (paper 002) or ``linear`` (warm up, then decay to zero)."""
+    """Learning-rate schedule, built by ``transformers.get_scheduler``: ``constant`` (paper 002),
+    ``constant_with_warmup``, ``linear``, ``cosine``, ``cosine_with_restarts``, ``polynomial`` or
+    ``warmup_stable_decay``. ``constant`` with a warm-up is ``constant_with_warmup``."""
 
     warmup_steps: int = 0
-    """Linear warm-up steps (both schedules)."""
+    """Warm-up steps (the learning rate rises linearly from 0). Not together with ``warmup_ratio``."""
 
     warmup_ratio: float = 0.0
-    """Warm-up as a fraction of all steps; used when ``warmup_steps`` is 0."""
+    """Warm-up as a fraction of the stage's steps (rounded up). Not together with ``warmup_steps``."""
+
+    scheduler_kwargs: dict = field(default_factory=dict)
+    """Extra arguments of the schedule (``scheduler_specific_kwargs`` of ``get_scheduler``), e.g.
+    ``{num_cycles: 2}`` (cosine_with_restarts), ``{power: 2, lr_end: 1e-7}`` (polynomial),
+    ``{num_decay_steps: 100}`` (warmup_stable_decay; default: the last 10% of steps)."""
 
     max_grad_norm: float = 1.0
     """Gradient clipping by global norm; 0 disables."""
 
     precision: str = "auto"
-    """``bf16``, ``fp16``, ``fp32``, or ``auto``: bf16 on GPUs that support it, fp32 on CPU (bf16
-    matmuls are far slower than fp32 on CPUs)."""
+    """``bf16``, ``fp16``, ``fp32``, or ``auto``: bf16 on GPUs that support it; on CPU bf16 where
+    this CPU's bf16 matmuls are clearly faster than fp32 (AMX, avx512_bf16), else fp32 (measured
+    once per machine, cached in ``$SPARSE_FT_CACHE``). Set fp32 where exact arithmetic matters."""
 
     eval_every: int = 0
     """Evaluate on the dev split every N optimizer steps; 0: only at the end."""
@@ -174,7 +235,7 @@ class TrainConfig:
 
     checkpoint_dir: str | None = None
     """Where checkpoints go; default ``<output_dir>/checkpoints``. May be node-local storage (see
-    launch/README.md)."""
+    docs/multi-node.md)."""
 
     resume_from: str | None = None
     """``latest`` (the newest checkpoint in ``checkpoint_dir`` that verifies against its manifest; a
@@ -201,6 +262,52 @@ class TrainConfig:
     logged in metrics.jsonl (``skipped``, ``bad_steps``). This many skipped steps in a row stop the
     run: ``diverged.json`` is written, the last checkpoint taken before them is kept, and
     ``sparse-ft train`` exits with code 3. 0: never stop (bad steps are still skipped)."""
+
+    dist_timeout_s: float = 1800.0
+    """Seconds a collective (all-reduce, barrier, ZeRO-3 gather) may wait for the other ranks before
+    it fails; passed to ``deepspeed.init_distributed``. A rank that fails with a Python error ends
+    the job on every node within seconds anyway (see docs/multi-node.md); this bounds the wait for
+    a rank that hangs or dies without one."""
+
+    startup_timeout_s: float = 300.0
+    """After the model is loaded, every rank waits at most this long for the slowest one; a rank
+    that has not arrived by then (killed, hung in its load) is named and the job stops."""
+
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers that get every metrics.jsonl row (rank 0): any of ``tensorboard``
+    (``<output_dir>/tensorboard``), ``wandb`` (``<output_dir>/wandb``; ``WANDB_MODE=offline`` needs no
+    network) and ``csv`` (``<output_dir>/metrics.csv``). Empty: metrics.jsonl only."""
+
+    run_name: str | None = None
+    """The run's name in TensorBoard and W&B; default: the name of ``output_dir``."""
+
+    eval_metric: str = "mean_logprob"
+    """How classification evaluation scores each option: ``mean_logprob`` (mean log-likelihood per
+    token of the option), or lm-evaluation-harness's ``acc`` (summed log-likelihood) or ``acc_norm``
+    (summed log-likelihood divided by the option's length in UTF-8 bytes). The highest-scoring
+    option is the prediction; the metric reported is still ``accuracy``."""
+
+    def override(self, values: dict, where: str) -> "TrainConfig":
+        """A copy with ``values`` (train keys, as a method's per-stage settings give them) applied,
+        checked and coerced like the train section; errors name ``where.<key>``. The run-wide keys
+        (:data:`RUN_WIDE`) cannot differ per stage."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where} = {values!r}; allowed: a mapping of train keys, e.g. {{lr: 1e-4, epochs: 5}}")
+        allowed = [f.name for f in dataclasses.fields(self) if f.name not in RUN_WIDE]
+        hints = typing.get_type_hints(type(self))
+        out = {}
+        for key, value in values.items():
+            if key in RUN_WIDE:
+                raise ConfigError(f"{where}.{key}: train.{key} is set for the whole run, not per stage")
+            if key not in allowed:
+                raise ConfigError(f"{where}.{key} is not a train key; allowed: {', '.join(allowed)}")
+            out[key] = _coerce(where, key, value, hints[key])
+        return dataclasses.replace(self, **out)
+
+
+# Train settings that belong to the whole run, not to one stage of a method's pipeline.
+RUN_WIDE = ("output_dir", "checkpoint_dir", "resume_from", "overwrite_output_dir", "save_delta", "precision",
+            "keep_last", "eval_before")
 
 
 @dataclass
@@ -242,7 +349,12 @@ def _coerce(section: str, key: str, value: Any, hint: Any) -> Any:
     if origin is typing.Union or (origin is not None and type(None) in args):
         if value is None:
             return None
-        hint = next(a for a in args if a is not type(None))
+        choices = [a for a in args if a is not type(None)]
+        if len(choices) > 1:  # e.g. str | dict: the first type the value fits
+            for choice in choices:
+                if choice is dict and isinstance(value, dict) or choice is not dict and not isinstance(value, dict):
+                    return _coerce(section, key, value, choice)
+        hint = choices[0]
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -332,6 +444,16 @@ def from_dict(tree: dict) -> RunConfig:
     return run
 
 
+def output_dir_of(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Path:
+    """``train.output_dir`` of a config file with overrides, without building or checking the rest
+    (launchers and error reports need the run directory of a config that may not validate)."""
+    tree = yaml.safe_load(Path(path).read_text()) or {}
+    for key, value in parse_overrides(list(overrides)):
+        set_dotted(tree, key, value)
+    train = tree.get("train") if isinstance(tree, dict) else None
+    return Path(str((train if isinstance(train, dict) else {}).get("output_dir") or TrainConfig.output_dir))
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML config, apply ``key=value`` overrides, build and validate the dataclasses."""
     tree: dict = {}
@@ -350,9 +472,6 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Ru
 
 def validate(run: RunConfig) -> None:
     """Checks that need no model: ranges, names, files. Raises ConfigError naming the field."""
-    from .tasks import get_task
-    from .tasks.data import check_local_files
-
     m, t, tr = run.model, run.task, run.train
     if not m.name_or_path:
         raise ConfigError("model.name_or_path is required: a hub id such as facebook/opt-1.3b or a local directory")
@@ -361,11 +480,8 @@ def validate(run: RunConfig) -> None:
         raise ConfigError(f"model.name_or_path: local directory {m.name_or_path} does not exist")
     if m.gguf_file and looks_local and not (Path(m.name_or_path).expanduser() / m.gguf_file).is_file():
         raise ConfigError(f"model.gguf_file: {m.gguf_file} not found in {m.name_or_path}")
-    task = get_task(t.name, prompt_field=t.prompt_field, response_field=t.response_field)
-    if t.data_dir is not None:
-        check_local_files(t.data_dir, task)
-    elif task.hub_path is None:
-        raise ConfigError(f"task.data_dir is required for task {t.name!r} (a folder with train.jsonl)")
+    task = task_of(t)
+    validate_data(t, task)
     if t.num_train == 0:
         raise ConfigError("task.num_train = 0; allowed: a positive count or -1 for all")
     if t.max_length < 8:
@@ -390,15 +506,74 @@ def validate(run: RunConfig) -> None:
         raise ConfigError("train.epochs must be > 0 when train.max_steps is not set")
     if not 0 <= tr.warmup_ratio < 1:
         raise ConfigError(f"train.warmup_ratio = {tr.warmup_ratio}; allowed: [0, 1)")
-    from .training.guard import check_max_bad_steps
-
+    if tr.warmup_steps < 0:
+        raise ConfigError(f"train.warmup_steps = {tr.warmup_steps}; allowed: >= 0")
+    if tr.warmup_steps and tr.warmup_ratio:
+        raise ConfigError(f"train.warmup_steps = {tr.warmup_steps} and train.warmup_ratio = {tr.warmup_ratio}: "
+                          "set one of them, not both")
+    if t.packing and getattr(run.method, "tasks", None):
+        raise ConfigError("task.packing with method.tasks (multi-task): a packed sequence would mix tasks; "
+                          "set task.packing=false")
     check_max_bad_steps(tr.max_bad_steps)
+    tr.report_to = check_report_to(tr.report_to)
+    if tr.eval_metric not in EVAL_METRICS:
+        raise ConfigError(f"train.eval_metric = {tr.eval_metric!r}; allowed: {', '.join(EVAL_METRICS)}")
+    for name in ("dist_timeout_s", "startup_timeout_s"):
+        if not getattr(tr, name) > 0:
+            raise ConfigError(f"train.{name} = {getattr(tr, name)}; allowed: a number of seconds > 0")
     if tr.max_grad_norm < 0:
         raise ConfigError(f"train.max_grad_norm = {tr.max_grad_norm}; allowed: >= 0 (0 disables)")
-    from .training.ds_config import resolve_ds_config_path
-
     resolve_ds_config_path(run.deepspeed.config)
     validate_quantization(run)
+    check_method(run.method, run.train)
+
+
+def check_method(method: MethodConfig, train: TrainConfig) -> None:
+    """What a method config cannot check itself, because it needs layers above the methods: the task
+    names it trains on (multi-task ProPETL) against the task registry, and its stages' own train
+    settings (LoReML's ``stage1``/``stage2``), by building them from ``train``."""
+    unknown = [t for t in method.task_names() if t not in TASKS]
+    if unknown:
+        raise ConfigError(f"method.tasks: {unknown} are not tasks; allowed: {', '.join(sorted(TASKS))}")
+    method.stages(train)
+
+
+def task_of(t: TaskConfig, name: str | None = None):
+    """The task object a TaskConfig describes (``name`` overrides ``t.name`` for multi-task runs)."""
+    return get_task(name or t.name, prompt_field=t.prompt_field, response_field=t.response_field,
+                    system_prompt=t.system_prompt)
+
+
+def data_source(t: TaskConfig):
+    """Where the task's rows come from, as :func:`sparse_ft.tasks.load_task_data` takes it."""
+    return DataSource(data_dir=t.data_dir, dataset=t.dataset, subset=t.subset, split=t.split,
+                      test_split=t.test_split, data_files=t.data_files, columns=dict(t.columns))
+
+
+def validate_data(t: TaskConfig, task) -> None:
+    """The data keys, checked without reading any row: files exist, names are known."""
+    if t.data_files is not None:
+        if not isinstance(t.data_files, (str, dict)) or not t.data_files:
+            raise ConfigError(f"task.data_files = {t.data_files!r}; allowed: a path or glob, or a mapping of split "
+                              "name to path/glob")
+        check_data_files(t.data_files, t.split)
+    elif t.dataset:
+        pass  # a hub id or local dataset: resolved by datasets when the data loads (before the model)
+    elif t.data_dir is not None:
+        check_local_files(t.data_dir, task)
+    elif task.hub_path is None:
+        raise ConfigError(f"task {t.name!r} needs data: set task.data_files (json, jsonl, parquet or csv files), "
+                          "task.dataset (a hub id or saved dataset) or task.data_dir (a folder with train.jsonl)")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in t.columns.items()):
+        raise ConfigError(f"task.columns = {t.columns!r}; allowed: a mapping of template column to your column name")
+    if t.columns and task.columns:
+        unknown = [k for k in t.columns if k not in task.columns and k != "input"]
+        if unknown:
+            raise ConfigError(f"task.columns: {unknown[0]!r} is not a column task {t.name!r} reads; allowed keys: "
+                              f"{', '.join(task.columns + (('input',) if t.name == 'alpaca' else ()))}")
+    if t.truncation not in TRUNCATIONS:
+        raise ConfigError(f"task.truncation = {t.truncation!r}; allowed: {', '.join(TRUNCATIONS)}")
+    check_template_name(t.chat_template)
 
 
 def check_finite(run: RunConfig) -> None:
@@ -424,9 +599,6 @@ def check_finite(run: RunConfig) -> None:
 
 def validate_quantization(run: RunConfig) -> None:
     """The quantized-base and 8-bit-optimizer settings, and the combinations that cannot work."""
-    from .quant import OPTIMIZERS, QUANT_DTYPES, QUANTIZATIONS, require_bnb
-    from .training.ds_config import offloaded
-
     m, tr = run.model, run.train
     if m.quantization not in QUANTIZATIONS:
         raise ConfigError(f"model.quantization = {m.quantization!r}; allowed: {', '.join(QUANTIZATIONS)}")
@@ -461,6 +633,4 @@ def validate_quantization(run: RunConfig) -> None:
 
 
 def _zero_stage(run: RunConfig) -> int:
-    from .training.ds_config import zero_settings
-
     return int(zero_settings(run.deepspeed.config, run.deepspeed.overrides).get("stage", 0))

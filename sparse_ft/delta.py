@@ -18,90 +18,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from safetensors.torch import save_file
+
+from ._version import __version__
+from .api import apply, delta_layers, method_config
+from .delta_file import FORMAT, read_delta
 from .errors import ConfigError
-from .quant import dequantize, is_quantized_model, quantization_metadata, roundtrip, weight_kind
-from .zero import dist_info, full_numel, full_shape, gathered
+from .methods import config_from_dict
+# The fingerprint lives with the methods (they check it too); its names stay importable from here.
+from .methods.fingerprint import (FINGERPRINT_RTOL, FINGERPRINT_SAMPLES, _sample_positions,  # noqa: F401
+                                  check_fingerprint, fingerprint)
+from .quant import quantization_metadata
+from .zero import dist_info, full_shape, gathered
 
 logger = logging.getLogger("sparse_ft")
-
-FORMAT = "sparse-ft-delta/1"
-FINGERPRINT_SAMPLES = 16
-# Sampled values are compared, not hashed, so a base loaded in another dtype still matches.
-FINGERPRINT_RTOL = 2e-2
-
-
-def _sample_positions(numel: int, name: str) -> torch.Tensor:
-    from .methods.random_mask.layer import name_seed
-
-    gen = torch.Generator().manual_seed(name_seed(0, "fingerprint:" + name))
-    return torch.randint(0, numel, (FINGERPRINT_SAMPLES,), generator=gen)
-
-
-@torch.no_grad()
-def fingerprint(model: nn.Module, names: list[str] | None = None, emulate: dict | None = None) -> dict:
-    """Shapes and a few sampled values of the base weights of ``names`` (default: every layer a
-    method adapted), plus the parameter count. Collective under ZeRO-3 (call on every rank).
-
-    A quantized weight is sampled dequantized: the values the run computed with, the same on every
-    load of the same base with the same settings. ``emulate`` (a delta's ``quantization`` record)
-    samples an unquantized weight as that quantization would have loaded it."""
-    from .api import delta_layers
-    from .methods.base import DeltaLinear, count_parameters
-
-    modules = dict(model.named_modules())
-    if names is None:
-        names = [n for n, _ in delta_layers(model)]
-    out = {"num_parameters": count_parameters(model), "matrices": {}}
-    for name in names:
-        weight = modules[name].weight
-        shape = list(full_shape(weight))
-        with gathered([weight]):
-            pos = _sample_positions(full_numel(weight), name).to(weight.device)
-            if weight_kind(weight) is not None:
-                flat = dequantize(weight).reshape(-1)
-            elif emulate is not None and name in emulate.get("modules", ()):
-                flat = roundtrip(weight.detach(), emulate).reshape(-1)
-            else:
-                flat = weight.detach().reshape(-1)
-            sample = flat.index_select(0, pos).float().cpu()
-        folded = modules[name].folded_into_weight(pos) if isinstance(modules[name], DeltaLinear) else None
-        if folded is not None:  # describe the base, not the base plus what the method folded in
-            sample = sample - folded.cpu()
-        out["matrices"][name] = {"shape": shape, "sample": sample.tolist()}
-    return out
-
-
-def check_fingerprint(expected: dict, model: nn.Module, quantization: dict | None = None) -> None:
-    """Raise ``ConfigError`` saying which matrix differs when ``model`` is not the delta's base.
-
-    ``quantization`` is the delta's record of the quantized base it was trained on (None: an
-    unquantized one). Onto an unquantized model the check quantizes the sampled matrices the same
-    way first; a delta trained on an unquantized base loaded onto a quantized model is checked by
-    shape only (quantization moves every weight by more than the tolerance)."""
-    modules = dict(model.named_modules())
-    for name, want in expected["matrices"].items():
-        module = modules.get(name)
-        if module is None or not hasattr(module, "weight"):
-            raise ConfigError(f"this delta was trained on a base with a module {name}, which this model lacks "
-                              "(wrong base model for the delta)")
-        shape = list(full_shape(module.weight))
-        if shape != want["shape"]:
-            raise ConfigError(f"base weight {name}.weight has shape {shape}, but the delta was trained on a base "
-                              f"where it has shape {want['shape']} (wrong base model for the delta)")
-    if quantization is None and is_quantized_model(model):
-        logger.warning("this delta was trained on an unquantized base and is loaded onto a quantized one: the base "
-                       "is checked by shape only")
-        return
-    got = fingerprint(model, list(expected["matrices"]), emulate=quantization)
-    for name, want in expected["matrices"].items():
-        a = torch.tensor(want["sample"])
-        b = torch.tensor(got["matrices"][name]["sample"])
-        err = ((a - b).abs() / (a.abs() + 1e-3)).max().item()
-        if err > FINGERPRINT_RTOL:
-            raise ConfigError(f"base weight {name}.weight has other values than the base this delta was trained on "
-                              f"(sampled entries differ by up to {err:.2g} relative); wrong base model for the delta")
-
-
 def _full_tensor(tensor: torch.Tensor, use_fp32_master: bool) -> torch.Tensor:
     """The whole tensor on CPU. With an engine, a trained parameter's fp32 master copy (the
     optimizer's, under bf16/fp16 training) rather than the rounded low-precision module copy."""
@@ -117,8 +47,6 @@ def _full_tensor(tensor: torch.Tensor, use_fp32_master: bool) -> torch.Tensor:
 
 def delta_state(model: nn.Module, engine=None) -> dict[str, torch.Tensor]:
     """Every tensor the compact delta stores, whole, on CPU. Collective under ZeRO-3."""
-    from .api import delta_layers, method_config
-
     config = method_config(model)
     if config is None:
         raise ConfigError("the model has no sparse-ft method applied: nothing to save")
@@ -138,11 +66,6 @@ def save_delta(model: nn.Module, path: str | os.PathLike, base_model: str | None
     DeepSpeed ``engine`` to store the optimizer's fp32 master values of trained tensors. ``write``
     picks the writing process (default: rank 0); every process holds the whole delta by then.
     """
-    from safetensors.torch import save_file
-
-    from . import __version__
-    from .api import method_config
-
     config = method_config(model)
     if engine is not None:
         # ZeRO-3 prefetching can leave parameters in flight after the last forward; settle them
@@ -247,9 +170,6 @@ def load_delta(model: nn.Module, path: str | os.PathLike, check_base: bool = Tru
     weights are compared with the fingerprint stored at save time first; a mismatch raises
     ``ConfigError`` naming the matrix. Collective under ZeRO-3.
     """
-    from .api import apply, delta_layers, method_config
-    from .methods import config_from_dict
-
     tensors, meta = read_delta(path)
     config = config_from_dict(meta["method"])
     if check_base:

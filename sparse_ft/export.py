@@ -3,26 +3,35 @@
 Streaming: the base checkpoint is read one tensor at a time, shard by shard, and each merged tensor
 is written straight into its output shard (of at most ``max_shard_size``, laid out in advance from
 the base's headers); peak memory is about the largest tensor plus the delta, whatever the model's
-size. Nothing is built on a GPU and no
-DeepSpeed is needed: a ZeRO-3 run's checkpoint already holds the gathered compact delta.
+size. Tensors the delta does not change and whose dtype stays are not read at all: their bytes
+are copied file to file by the kernel (``copy_file_range``), whole runs at a time. Nothing is built
+on a GPU and no DeepSpeed is needed: a ZeRO-3 run's checkpoint already holds the gathered compact delta.
 
 Bases stored as GGUF (or without safetensors/bin weights) are exported in memory instead: loaded by
 transformers, merged with :func:`sparse_ft.merge`, written with ``save_pretrained``.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import os
+import queue
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import torch
 
-from .delta import FINGERPRINT_RTOL, _sample_positions, read_delta
+from .api import merge
+from .delta import FINGERPRINT_RTOL, _sample_positions, load_delta, read_delta
 from .errors import ConfigError
+from .methods import config_from_dict
+from .model_card import write_model_card
+from .quant import roundtrip
+from .training.checkpoint import read_latest
 
 logger = logging.getLogger("sparse_ft")
 
@@ -44,8 +53,6 @@ def parse_size(text: str | int) -> int:
 def find_delta(source: str | os.PathLike) -> Path:
     """The delta file behind ``source``: a delta file, a checkpoint directory, or a run's output
     directory (its final ``delta.safetensors``, else its newest checkpoint)."""
-    from .training.checkpoint import read_latest
-
     source = Path(source)
     if source.is_file():
         return source
@@ -99,11 +106,15 @@ class _ShardReader:
 
     def __init__(self, path: Path):
         self.path = path
+        self.spans: dict[str, tuple[int, int]] = {}
+        """Each tensor's bytes in a safetensors shard (absolute file offsets), filled by ``specs``."""
 
     def specs(self) -> list[tuple[str, list[int], torch.dtype]]:
         """(key, shape, dtype) of every tensor, in file order, read from the header only."""
         if self.path.suffix == ".safetensors":
-            return [(key, shape, dtype) for key, shape, dtype, _ in self._safetensors_header()[0]]
+            entries, data_start = self._safetensors_header()
+            self.spans = {key: (data_start + b, data_start + e) for key, _, _, (b, e) in entries}
+            return [(key, shape, dtype) for key, shape, dtype, _ in entries]
         state = torch.load(self.path, map_location="cpu", mmap=True, weights_only=True)
         return [(key, list(t.shape), t.dtype) for key, t in state.items()]
 
@@ -121,13 +132,17 @@ class _ShardReader:
         entries.sort(key=lambda e: e[3][0])  # file order: one sequential pass over the shard
         return entries, 8 + n
 
-    def items(self):
+    def items(self, only: set[str] | None = None):
+        """(key, tensor) in file order; with ``only``, just those keys of a safetensors shard (the
+        others are not read at all)."""
         if self.path.suffix == ".safetensors":
             # Plain reads into a fresh tensor, not a memory map: the shard's pages then stay in the
             # page cache instead of this process's resident memory.
             entries, data_start = self._safetensors_header()
             with open(self.path, "rb", buffering=0) as f:
                 for key, shape, dtype, (begin, end) in entries:
+                    if only is not None and key not in only:
+                        continue
                     tensor = torch.empty(shape, dtype=dtype)
                     if end > begin:
                         f.seek(data_start + begin)
@@ -167,8 +182,11 @@ class _ShardWriter:
             size += nbytes
             self.total_bytes += nbytes
         self._shard, self._pos, self._file = -1, 0, None
+        self._run: list | None = None  # pending byte copy [src_fd, begin, end, error message]
+        self._copier = _ByteCopier()
 
     def _open_next(self) -> None:
+        self._flush_run()
         if self._file is not None:
             self._file.close()
         self._shard += 1
@@ -180,23 +198,46 @@ class _ShardWriter:
             offset = end
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned, as safetensors itself does
-        self._file = open(self.out_dir / f"shard-{self._shard:05d}.tmp", "wb")
-        self._file.write(len(raw).to_bytes(8, "little"))
-        self._file.write(raw)
+        # Unbuffered: tensor bytes and kernel copies go to the same file descriptor, in order.
+        self._file = open(self.out_dir / f"shard-{self._shard:05d}.tmp", "wb", buffering=0)
+        _write_all(self._file.fileno(), len(raw).to_bytes(8, "little") + raw)
 
-    def add(self, key: str, tensor: torch.Tensor) -> None:
+    def _next_slot(self, key: str, shape: list[int], dtype: torch.dtype) -> None:
         if self._file is None or self._pos == len(self.shards[self._shard]):
             self._open_next()
-        want_key, shape, dtype = self.shards[self._shard][self._pos]
-        if key != want_key or list(tensor.shape) != shape or tensor.dtype != dtype:
-            raise RuntimeError(f"export wrote {key} {list(tensor.shape)} {tensor.dtype} where the plan has "
-                               f"{want_key} {shape} {dtype}")
-        flat = tensor.detach().contiguous().reshape(-1)
-        if flat.numel():
-            self._file.write(memoryview(flat.view(torch.uint8).numpy()))
+        want_key, want_shape, want_dtype = self.shards[self._shard][self._pos]
+        if key != want_key or shape != want_shape or dtype != want_dtype:
+            raise RuntimeError(f"export wrote {key} {shape} {dtype} where the plan has "
+                               f"{want_key} {want_shape} {want_dtype}")
         self._pos += 1
 
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        self._next_slot(key, list(tensor.shape), tensor.dtype)
+        self._flush_run()
+        flat = tensor.detach().contiguous().reshape(-1)
+        if flat.numel():
+            _write_all(self._file.fileno(), memoryview(flat.view(torch.uint8).numpy()))
+
+    def add_bytes(self, key: str, shape: list[int], dtype: torch.dtype, src_fd: int, begin: int, end: int,
+                  src_path: Path) -> None:
+        """The next tensor is bytes ``begin:end`` of the open file ``src_fd``, stored as is. Runs
+        that are contiguous in both files (the same layout) go to the kernel as one copy."""
+        self._next_slot(key, shape, dtype)
+        run = self._run
+        if run is not None and run[0] == src_fd and run[2] == begin:
+            run[2] = end
+        else:
+            self._flush_run()
+            self._run = [src_fd, begin, end, f"{src_path} is truncated at tensor {key} or after it"]
+
+    def _flush_run(self) -> None:
+        if self._run is not None:
+            src_fd, begin, end, truncated = self._run
+            self._run = None
+            self._copier.copy(src_fd, begin, end - begin, self._file.fileno(), truncated)
+
     def finish(self) -> None:
+        self._flush_run()
         if self._file is not None:
             self._file.close()
         written = sum(len(s) for s in self.shards[:self._shard]) + self._pos
@@ -213,6 +254,57 @@ class _ShardWriter:
             weight_map.update({key: final for key, _, _ in shard})
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
         (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data).cast("B")
+    while view.nbytes:
+        view = view[os.write(fd, view):]
+
+
+# copy_file_range refuses some file pairs (EXDEV across filesystems on older kernels, EINVAL or
+# EOPNOTSUPP on some network and overlay filesystems, ENOSYS without the syscall): fall back.
+_COPY_FALLBACK = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP}
+
+
+class _ByteCopier:
+    """Copies byte ranges file to file inside the kernel: ``copy_file_range``, else ``sendfile``,
+    else ``pread``/``write`` through a buffer. The first refusal of a way is remembered."""
+
+    CHUNK = 1 << 30
+
+    def __init__(self):
+        self.way = "copy_file_range" if hasattr(os, "copy_file_range") else "sendfile"
+
+    def copy(self, src_fd: int, offset: int, count: int, dst_fd: int, truncated: str) -> None:
+        """``count`` bytes of ``src_fd`` from ``offset`` to ``dst_fd`` at its current position."""
+        while count > 0:
+            n = self._copy_some(src_fd, offset, min(count, self.CHUNK), dst_fd)
+            if not n:
+                raise ConfigError(truncated)
+            offset += n
+            count -= n
+
+    def _copy_some(self, src_fd: int, offset: int, count: int, dst_fd: int) -> int:
+        if self.way == "copy_file_range":
+            try:
+                return os.copy_file_range(src_fd, dst_fd, count, offset)
+            except OSError as e:
+                if e.errno not in _COPY_FALLBACK:
+                    raise
+                logger.debug("copy_file_range refused (%s); export copies with sendfile", e)
+                self.way = "sendfile"
+        if self.way == "sendfile":
+            try:
+                return os.sendfile(dst_fd, src_fd, offset, count)
+            except (OSError, AttributeError) as e:
+                if isinstance(e, OSError) and e.errno not in _COPY_FALLBACK:
+                    raise
+                logger.debug("sendfile refused (%s); export copies through a buffer", e)
+                self.way = "read"
+        data = os.pread(src_fd, min(count, 64 << 20), offset)
+        _write_all(dst_fd, data)
+        return len(data)
 
 
 def _nbytes(shape: list[int], dtype: torch.dtype) -> int:
@@ -265,19 +357,19 @@ def _copy_side_files(base_dir: Path, out_dir: Path, dtype: str) -> None:
 
 
 def export_hf(source: str | os.PathLike, out_dir: str | os.PathLike, *, base_model: str | None = None,
-              dtype: str = "bf16", max_shard_size: str | int = "5GB", overwrite: bool = False) -> Path:
+              dtype: str = "bf16", max_shard_size: str | int = "5GB", overwrite: bool = False,
+              command: str | None = None) -> Path:
     """Merge the delta found at ``source`` into its base and write a standard HF model directory.
 
     The directory is written under a temporary name next to ``out_dir`` and renamed into place
-    at the end, so an interrupted export leaves no half-written model behind.
+    at the end, so an interrupted export leaves no half-written model behind. ``README.md`` is a
+    model card (:mod:`sparse_ft.model_card`); ``command`` is the command line it names.
     """
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
     limit = parse_size(max_shard_size)
     delta_path = find_delta(source)
     tensors, meta = read_delta(delta_path)
-    from .methods import config_from_dict
-
     config = config_from_dict(meta["method"])
     base = base_model or meta.get("base_model")
     if not base:
@@ -366,6 +458,8 @@ def _export_into(tmp_dir, out_dir, delta_path, tensors, meta, config, base, base
                     "bitsandbytes loaded them) to %s, then merged the delta", quant["scheme"], len(quant["modules"]),
                     dtype)
     (tmp_dir / EXPORT_RECORD).write_text(json.dumps(provenance, indent=2))
+    write_model_card(tmp_dir, delta_path=delta_path, meta=meta, tensors=tensors, base=str(base), fmt="hf",
+                     command=command, keep_note=not config.mergeable)
     if out_dir.exists():
         # Move the earlier export aside before the new one takes its name; delete it only after.
         import secrets
@@ -421,6 +515,11 @@ def _base_prefix(base_dir: Path) -> str | None:
     return {"opt": "model"}.get(model_type, "model")
 
 
+# Tensors the delta leaves alone and whose dtype stays are copied as bytes (False: every tensor is
+# read, merged and encoded, the earlier path; tests and the benchmark compare the two).
+_BYTE_COPY = True
+
+
 @torch.no_grad()
 def _export_streaming(files, base_dir, config, tensors, layers, meta, out_dir, dtype, limit) -> None:
     """Stream the base, merging the delta. A delta trained on a quantized base first gets every
@@ -435,8 +534,6 @@ def _export_streaming(files, base_dir, config, tensors, layers, meta, out_dir, d
         name, _, leaf = model_key.rpartition(".")
         if leaf != "weight" or not quantized or (name not in quantized and f"{prefix}.{name}" not in quantized):
             return tensor
-        from .quant import roundtrip
-
         return roundtrip(tensor, quant)
 
     # Every shard's header, read once: it maps keys to shards and lays out the output shards.
@@ -460,21 +557,51 @@ def _export_streaming(files, base_dir, config, tensors, layers, meta, out_dir, d
     _check_base(meta["base_fingerprint"], read_named)
     writer = _ShardWriter(out_dir, limit, [(key, shape, dtype if dtype_.is_floating_point else dtype_)
                                            for _, entries in specs for key, shape, dtype_ in entries])
-    for key, tensor in _prefetch(kv for reader in readers for kv in reader.items()):
+
+    def as_bytes(reader: _ShardReader, key: str, dtype_: torch.dtype) -> bool:
+        """Whether ``key`` goes to the output as the base's bytes: stored the same, changed by nothing."""
+        if not _BYTE_COPY or key not in reader.spans or (dtype_.is_floating_point and dtype_ != dtype):
+            return False
         model_key = mapping.get(key, key)
-        out = config.export_tensor(model_key, as_trained(model_key, tensor), tensors, layers)
-        if tensor.is_floating_point():
-            out = out.to(dtype)
-        writer.add(key, out)
-    writer.finish()
+        name, _, leaf = model_key.rpartition(".")
+        if leaf == "weight" and quantized and (name in quantized or f"{prefix}.{name}" in quantized):
+            return False
+        return not config.export_touches(model_key, tensors, layers)
+
+    plan = [(reader, key, shape, dtype_, as_bytes(reader, key, dtype_))
+            for reader, entries in specs for key, shape, dtype_ in entries]
+    decode = {}
+    for reader, key, _, _, copy in plan:
+        if not copy:
+            decode.setdefault(reader, set()).add(key)
+    # Only the tensors that change are read (ahead, by a thread); the rest move file to file.
+    decoded = _prefetch(kv for reader in readers if reader in decode for kv in reader.items(decode[reader]))
+    fds: dict[_ShardReader, int] = {}
+    try:
+        for reader, key, shape, dtype_, copy in plan:
+            if copy:
+                if reader not in fds:
+                    fds[reader] = os.open(reader.path, os.O_RDONLY)
+                writer.add_bytes(key, shape, dtype_, fds[reader], *reader.spans[key], reader.path)
+                continue
+            got, tensor = next(decoded)
+            if got != key:
+                raise RuntimeError(f"export read {got} where it expected {key}")
+            model_key = mapping.get(key, key)
+            out = config.export_tensor(model_key, as_trained(model_key, tensor), tensors, layers)
+            if tensor.is_floating_point():
+                out = out.to(dtype)
+            writer.add(key, out)
+        writer.finish()
+    finally:
+        decoded.close()
+        for fd in fds.values():
+            os.close(fd)
 
 
 def _prefetch(items, depth: int = 2):
     """Yield from ``items`` while a thread reads up to ``depth`` ahead: the base's reads overlap the
     merge and the output's writes (file I/O and torch ops release the GIL)."""
-    import queue
-    import threading
-
     q: queue.Queue = queue.Queue(maxsize=depth)
     done = object()
     stop = threading.Event()
@@ -512,9 +639,6 @@ def _prefetch(items, depth: int = 2):
 def _export_in_memory(delta_path, base_dir, out_dir, dtype, max_shard_size, meta) -> None:
     """For bases transformers can load but we cannot stream (GGUF): load, merge, save."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .api import merge
-    from .delta import load_delta
 
     extra = json.loads(meta.get("model_kwargs", "{}"))
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, **extra)

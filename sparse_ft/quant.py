@@ -98,10 +98,53 @@ def dequantize(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> torc
             raise ValueError("an int8 weight without its row scales (SCB): was it moved off its device?")
         return F.int8_vectorwise_dequant(weight.data, scale).to(dtype)
     state = weight.quant_state
-    if getattr(state, "packing_format_for_cpu", False):
-        raise ValueError("this 4-bit weight was repacked for bitsandbytes' CPU inference kernel; sparse-ft reads "
-                         "the standard layout")
+    if is_repacked_for_cpu(weight):
+        raise ValueError("this 4-bit weight was repacked for bitsandbytes' AVX512-BF16 CPU inference kernel; "
+                         "sparse-ft reads the standard layout (keep_standard_4bit_layout keeps it)")
     return F.dequantize_4bit(weight.data, state).to(dtype)
+
+
+# -- which bitsandbytes CPU path the 4-bit layers take -----------------------------------------------
+# bitsandbytes (0.49+) has two CPU paths for a ``Linear4bit``. The standard one, on every CPU and in
+# training, dequantizes the weight transiently and runs one matmul in the compute dtype (what our own
+# sparse ops do). The other is taken only on CPUs with AVX512-BF16 (detected once, when the layer is
+# built: ``Linear4bit.support_avx512bf16_for_cpu``), on a forward in eval mode whose input needs no
+# gradient: it first repacks the weight IN PLACE for its native kernel (nibbles regrouped by blocks of
+# 32 rows, block scales un-nested and rounded to bf16) and then multiplies in bf16. For sparse-ft that
+# path is wrong four ways: the repacking fails on layers whose row count is not a multiple of 32 or
+# whose input width is not a multiple of the block size (``shape '[64, 1]' is invalid for input of
+# size 96``); it computes in bf16 whatever ``quant_compute_dtype`` says; the weight it leaves behind is
+# not the one the run loaded (bitsandbytes' inverse re-quantizes bf16-rounded scales), so fingerprints,
+# ``quantization_metadata`` and export would describe another base; and its kernel has no backward, so
+# training after the first evaluation would lose the gradient through every untargeted layer. So every
+# model sparse-ft adapts or loads keeps the standard layout, and all CPUs compute the same numbers.
+PACKED_CPU_ATTR = "support_avx512bf16_for_cpu"
+
+
+def is_repacked_for_cpu(weight: torch.Tensor) -> bool:
+    """Whether bitsandbytes has already repacked this 4-bit weight for its AVX512-BF16 CPU kernel."""
+    return bool(getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False))
+
+
+def keep_standard_4bit_layout(model: nn.Module) -> int:
+    """Turn off bitsandbytes' in-place AVX512-BF16 repacking on every 4-bit layer of ``model`` (see the
+    comment above); returns how many layers it was on for. A layer repacked already (the model ran in
+    eval mode on such a CPU before sparse-ft saw it) cannot be put back exactly: ConfigError."""
+    switched = 0
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight_kind(weight) in (None, "int8"):
+            continue
+        if is_repacked_for_cpu(weight):
+            raise ConfigError(f"{name}: bitsandbytes repacked this 4-bit weight for its AVX512-BF16 CPU inference "
+                              "kernel (the model ran in eval mode before sparse-ft adapted it), which rounds its "
+                              "block scales; load the model again and apply sparse-ft before running it")
+        if getattr(module, PACKED_CPU_ATTR, False):
+            setattr(module, PACKED_CPU_ATTR, False)
+            switched += 1
+    if switched:
+        logger.debug("kept bitsandbytes' standard 4-bit layout on %d layers (no AVX512-BF16 repacking)", switched)
+    return switched
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
@@ -120,8 +163,10 @@ def base_linear(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: 
         module.training = training
         out = module(x)
         return out.to(x.dtype)
-    # Calls the matmul, not Linear4bit.forward: on AVX512-BF16 CPUs its inference branch repacks the
-    # weight in place into a layout the rest of sparse-ft cannot read.
+    # Calls the standard matmul, not Linear4bit.forward: on AVX512-BF16 CPUs the latter's inference
+    # branch repacks the weight in place (see keep_standard_4bit_layout).
+    if is_repacked_for_cpu(weight):
+        raise ValueError("a 4-bit weight repacked for bitsandbytes' AVX512-BF16 CPU kernel reached base_linear")
     compute = getattr(module, "compute_dtype", None) or x.dtype
     b = None if bias is None else bias.to(compute)
     return bnb.matmul_4bit(x.to(compute), weight, bias=b, quant_state=weight.quant_state).to(x.dtype)

@@ -32,6 +32,8 @@ import yaml
 
 from .config import from_dict, load_config, parse_overrides, set_dotted
 from .errors import ConfigError
+from .methods import METHODS
+from .tasks import get_task
 
 STATUSES = ("ok", "diverged", "failed", "pending")
 POINT_CONFIG = "sweep_point.yaml"
@@ -123,8 +125,6 @@ def parse_list(flag: str, text: str | None, kind: type) -> list | None:
 
 
 def _method_fields(name: str) -> set[str]:
-    from .methods import METHODS
-
     if name not in METHODS:
         raise ConfigError(f"--method: {name!r} is not a method; allowed: {', '.join(sorted(METHODS))}")
     return {f.name for f in dataclasses.fields(METHODS[name])}
@@ -386,7 +386,7 @@ def plot(out: Path, cells: list[Cell], best: dict, metric: str, title: str) -> P
     """``lr_sweep.png``: the metric against the learning rate (log x), one line per setting, error
     bars over seeds; diverged (x) and failed (square) rates marked along the bottom, the best rate
     starred. Plots the test metric (the final evaluation), or dev where a setting has no test."""
-    import matplotlib
+    import matplotlib  # optional (the `sweep` extra)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -440,8 +440,6 @@ def sweep(config: str, lrs: list[float], out: Path | None = None, densities: lis
           collect: bool = False, log=print) -> list[PointResult] | None:
     """Run (or print, or collect) the grid and write the tables and plot; returns every point's
     result, or None with ``print_commands``."""
-    from .tasks import get_task
-
     try:
         import matplotlib  # noqa: F401  (checked first: the plot comes after hours of training)
     except ImportError:

@@ -48,7 +48,7 @@ def gathered(params: Iterable[torch.Tensor], modifier_rank: int | None = None) -
     if not params:
         yield
         return
-    import deepspeed
+    import deepspeed  # only reached under ZeRO-3 (partitioned parameters); it takes seconds to import
 
     with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
         yield

@@ -167,3 +167,28 @@ class InfGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return torch.full_like(grad, float("inf"))
+
+
+CHAT_WORDS = ["system", "user", "assistant", "hi", "hello", "there", "you", "how", "are", "fine", "thanks", "what", "is", "two", "plus", "four",
+              "be", "brief", "add", "numbers", "one", "three", "five", "six", "seven", "and", "sum"]
+CHAT_SPECIALS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = ("{% for m in messages %}{{ '<|' + m['role'] + '|> ' + m['content'] + ' <|end|> ' }}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<|assistant|> ' }}{% endif %}")
+
+
+def make_chat_tokenizer(path: Path | None = None, chat_template: str | None = CHAT_TEMPLATE):
+    """A word-level tokenizer with role markers as special tokens and a Jinja chat template:
+    ``<|user|> hi there <|end|> <|assistant|> hello <|end|>`` is one token per word/marker."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(SPECIALS + CHAT_SPECIALS + CHAT_WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", additional_special_tokens=CHAT_SPECIALS)
+    if chat_template is not None:
+        fast.chat_template = chat_template
+    if path is not None:
+        fast.save_pretrained(str(path))
+    return fast

@@ -11,7 +11,9 @@ built on :class:`DeltaLinear` (``layer.py``). The shared vocabulary, as in PEFT'
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
@@ -19,10 +21,19 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..ops.sparse_delta import _linear
 from ..quant import base_linear, is_quantized_linear
 from ..zero import full_numel, full_shape
 
 logger = logging.getLogger("sparse_ft")
+
+
+def name_seed(seed: int, name: str) -> int:
+    """A 63-bit seed from (seed, module name): stable across processes, restarts and Python runs
+    (Python's own ``hash`` of a string is salted per process). Methods seed their per-module
+    initialisation and sampling with it, so every rank and restart draws the same."""
+    digest = hashlib.sha256(f"{int(seed)}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 @dataclass
@@ -48,9 +59,11 @@ class MethodConfig:
     method: ClassVar[str] = ""
 
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    """Names of the ``nn.Linear`` modules to adapt, matched against the last parts of each module's
-    dotted name (``q_proj`` matches ``model.layers.3.self_attn.q_proj``; ``self_attn.q_proj`` works
-    too)."""
+    """The ``nn.Linear`` modules to adapt. Each entry is a name suffix, matched against the last
+    parts of each module's dotted name (``q_proj`` matches ``model.layers.3.self_attn.q_proj``;
+    ``self_attn.q_proj`` works too); ``re:<pattern>``, a regular expression the whole dotted name
+    must match (``re:.*layers[.][0-3][.].*_proj``); or ``all-linear``, every ``nn.Linear`` but the
+    output head. The log lists what matched."""
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str):
@@ -59,6 +72,8 @@ class MethodConfig:
                 isinstance(t, str) and t for t in self.target_modules):
             raise ConfigError(f"method.target_modules must be a list of module names, got {self.target_modules!r}")
         self.target_modules = list(self.target_modules)
+        for t in self.target_modules:
+            check_target(t)
 
     # -- hooks a method implements -------------------------------------------------------------
     def apply_to(self, model: nn.Module, targets: list[tuple[str, nn.Linear]],
@@ -82,8 +97,15 @@ class MethodConfig:
         return {}
 
     def stages(self, train) -> list[Stage]:
-        """The training pipeline; ``train`` is the run's TrainConfig. One stage by default."""
+        """The training pipeline; ``train`` is the run's TrainConfig, passed in by the trainer (methods
+        never import the run's config). A stage with its own settings derives them with
+        ``train.override(values, where)``, which checks and coerces them. One stage by default."""
         return [Stage("train", train)]
+
+    def task_names(self) -> list[str]:
+        """Task registry names this method trains on besides the run's task (multi-task ProPETL);
+        the run's config checks they exist. None by default."""
+        return []
 
     def optimizer_groups(self, model: nn.Module, train) -> list[dict]:
         """AdamW parameter groups; methods with their own rates (ProPETL's scores) override this."""
@@ -124,6 +146,15 @@ class MethodConfig:
             self.add_layer_delta_(name, delta, merged)
             return merged
         return tensor
+
+    def export_touches(self, key: str, delta: dict[str, torch.Tensor], layers: set[str]) -> bool:
+        """Whether :meth:`export_tensor` may change base tensor ``key``; export copies the others
+        as the base's bytes without reading them. A method that overrides ``export_tensor`` must
+        override this too: until it does, every tensor counts as touched (correct, only slower)."""
+        if type(self).export_tensor is not MethodConfig.export_tensor:
+            return True
+        name, _, leaf = key.rpartition(".")
+        return leaf == "weight" and name in layers
 
     def add_layer_delta_(self, name: str, delta: dict[str, torch.Tensor], weight: torch.Tensor) -> None:
         """``weight += layer_delta`` in place (fp32). Methods with a cheaper form (a sparse
@@ -184,8 +215,6 @@ class DeltaLinear(nn.Module):
         """``x W^T + b`` with the frozen base weight, plain or quantized, in ``x``'s dtype."""
         if self.quantized_base is not None:
             return base_linear(self.quantized_base, x, self.weight, self.bias, self.training)
-        from ..ops.sparse_delta import _linear
-
         return _linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def delta_weight(self) -> torch.Tensor:
@@ -225,8 +254,44 @@ def count_parameters(model: nn.Module) -> int:
     return total
 
 
+ALL_LINEAR = "all-linear"
+REGEX_PREFIX = "re:"
+
+
+def check_target(target: str, field_name: str = "method.target_modules") -> None:
+    """A ``re:`` entry must compile."""
+    if target.startswith(REGEX_PREFIX):
+        try:
+            re.compile(target[len(REGEX_PREFIX):])
+        except re.error as e:
+            raise ConfigError(f"{field_name}: {target!r} is not a valid regular expression ({e}); allowed: a name "
+                              "suffix, re:<pattern> or all-linear") from None
+
+
 def matches(name: str, target: str) -> bool:
+    """Whether module ``name`` is selected by one ``target_modules`` entry (``all-linear`` matches
+    every name here; :func:`find_targets` then keeps Linear layers and leaves out the head)."""
+    if target == ALL_LINEAR:
+        return True
+    if target.startswith(REGEX_PREFIX):
+        return re.fullmatch(target[len(REGEX_PREFIX):], name) is not None
     return name == target or name.endswith("." + target)
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Names of the module(s) computing the output logits (``lm_head``), which ``all-linear`` skips."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {n for n, m in model.named_modules() if head is not None and m is head}
+    return names or {n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in ("lm_head", "embed_out")}
+
+
+def summarize_names(names: list[str]) -> str:
+    """``model.layers.*.self_attn.q_proj x30, ...``: layer indices folded, counted."""
+    counts: dict[str, int] = {}
+    for n in names:
+        key = re.sub(r"\.\d+(?=\.|$)", ".*", n)
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{k} x{c}" if c > 1 else k for k, c in counts.items())
 
 
 def find_targets(model: nn.Module, target_modules: list[str], field_name: str = "method.target_modules"
@@ -238,8 +303,11 @@ def find_targets(model: nn.Module, target_modules: list[str], field_name: str = 
     found: list[tuple[str, nn.Linear]] = []
     hit = {t: 0 for t in target_modules}
     wrong_type: dict[str, str] = {}
+    heads = output_head_names(model) if ALL_LINEAR in target_modules else set()
     for name, module in model.named_modules():
         for t in target_modules:
+            if t == ALL_LINEAR and (name in heads or not isinstance(module, (nn.Linear, DeltaLinear))):
+                continue
             if matches(name, t):
                 if isinstance(module, DeltaLinear):
                     raise ConfigError(f"{field_name}: module {name} is already adapted by sparse-ft; "
@@ -259,6 +327,7 @@ def find_targets(model: nn.Module, target_modules: list[str], field_name: str = 
             extra = f"; matching modules that are not nn.Linear: {sample}"
         raise ConfigError(f"{field_name}: {missing} matched no nn.Linear module of this model; "
                           f"its Linear layers are named: {', '.join(linear_names)}{extra}")
+    logger.info("%s matched %d layers: %s", field_name, len(found), summarize_names([n for n, _ in found]))
     return found
 
 

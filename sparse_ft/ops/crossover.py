@@ -15,11 +15,15 @@ gathers, the dense product ``m * n * T``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from pathlib import Path
+from typing import Callable
 
 import torch
+
+from .cache import read_table, table_file, write_table
 
 _memory: dict[str, str] = {}
 _lock = threading.Lock()
@@ -34,9 +38,7 @@ def _bucket(tokens: int) -> int:
 
 
 def cache_file(device_name: str) -> Path:
-    root = Path(os.environ.get("SPARSE_FT_CACHE", Path.home() / ".cache" / "sparse_ft"))
-    safe = "".join(ch if ch.isalnum() else "_" for ch in device_name)
-    return root / f"sddmm_crossover_{safe}.json"
+    return table_file("sddmm_crossover", device_name)
 
 
 def triton_available(device: torch.device) -> bool:
@@ -49,7 +51,11 @@ def triton_available(device: torch.device) -> bool:
     return True
 
 
-def choose(m: int, n: int, tokens: int, k: int, dtype: torch.dtype, device: torch.device) -> str:
+def choose(m: int, n: int, tokens: int, k: int, dtype: torch.dtype, device: torch.device,
+           grad_fn: Callable[..., torch.Tensor] | None = None) -> str:
+    """The backend for the values' gradient of this shape. On a GPU an unseen shape is measured by
+    timing ``grad_fn`` (:func:`sparse_ft.ops.sparse_delta.sampled_weight_grad`, passed by its caller:
+    this module sits below it) with each backend."""
     forced = os.environ.get("SPARSE_FT_SDDMM")
     if forced:
         if forced not in BACKENDS:
@@ -68,7 +74,9 @@ def choose(m: int, n: int, tokens: int, k: int, dtype: torch.dtype, device: torc
         hit = _memory.get(f"{name}|{key}")
     if hit is not None:
         return hit
-    choice = _measure(m, n, _bucket(tokens), k, dtype, device)
+    if grad_fn is None:
+        raise ValueError("crossover.choose: measuring a new shape on a GPU needs grad_fn (sampled_weight_grad)")
+    choice = _measure(m, n, _bucket(tokens), k, dtype, device, grad_fn)
     with _lock:
         _memory[f"{name}|{key}"] = choice
         _save(name)
@@ -77,27 +85,15 @@ def choose(m: int, n: int, tokens: int, k: int, dtype: torch.dtype, device: torc
 
 def _load(name: str) -> None:
     _loaded_devices.add(name)
-    path = cache_file(name)
-    try:
-        entries = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return
-    for key, value in entries.items():
+    for key, value in read_table(cache_file(name)).items():
         if value in BACKENDS:
             _memory[f"{name}|{key}"] = value
 
 
 def _save(name: str) -> None:
-    path = cache_file(name)
     prefix = f"{name}|"
     entries = {k[len(prefix):]: v for k, v in _memory.items() if k.startswith(prefix)}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only home only costs a re-measurement next run
+    write_table(cache_file(name), entries)  # a read-only home only costs a re-measurement next run
 
 
 def gpu_time_ms(fn, reps: int = 10) -> float:
@@ -117,26 +113,22 @@ def gpu_time_ms(fn, reps: int = 10) -> float:
 
 
 def measure_both(m: int, n: int, tokens: int, k: int, dtype: torch.dtype, device: torch.device,
-                 reps: int = 10) -> dict[str, float]:
-    """Device milliseconds of the dense and both Triton paths on random data of this shape (best of
-    three trials each, so one disturbed trial cannot decide)."""
-    from .sparse_delta import sampled_weight_grad
-
+                 grad_fn: Callable[..., torch.Tensor], reps: int = 10) -> dict[str, float]:
+    """Device milliseconds of the dense and both Triton paths of ``grad_fn`` (``sampled_weight_grad``)
+    on random data of this shape (best of three trials each, so one disturbed trial cannot decide)."""
     gen = torch.Generator(device="cpu").manual_seed(0)
     dy = torch.randn(tokens, m, generator=gen).to(device=device, dtype=dtype)
     x = torch.randn(tokens, n, generator=gen).to(device=device, dtype=dtype)
     idx = torch.randperm(m * n, generator=gen)[:k].sort().values.to(device)
     rows = torch.div(idx, n, rounding_mode="floor")
     rows_cols = (rows.int(), (idx - rows * n).int())
-    return {backend: min(gpu_time_ms(lambda: sampled_weight_grad(dy, x, idx, n, backend=backend,
-                                                                 rows_cols=rows_cols), reps) for _ in range(3))
+    return {backend: min(gpu_time_ms(lambda: grad_fn(dy, x, idx, n, backend=backend, rows_cols=rows_cols), reps)
+                         for _ in range(3))
             for backend in MEASURED}
 
 
-def _measure(m, n, tokens, k, dtype, device) -> str:
-    import logging
-
-    times = measure_both(m, n, tokens, k, dtype, device)
+def _measure(m, n, tokens, k, dtype, device, grad_fn) -> str:
+    times = measure_both(m, n, tokens, k, dtype, device, grad_fn)
     choice = min(times, key=times.get)
     logging.getLogger("sparse_ft").info(
         "values' gradient for %dx%d, %d tokens, k=%d: %s (%s)", m, n, tokens, k, choice,

@@ -13,7 +13,7 @@ Why not the delta's product on the activations (``y += scatter(x[:, cols] * v)``
 base both paths must produce the frozen matmul anyway, and bitsandbytes dequantizes for it; adding
 k entries to that copy costs O(k), while the activation path costs O(tokens x k) in time and a
 (tokens x k) intermediate per layer in forward and again in backward. ``scripts/bench_quantized.py
---section op`` measures both (README, "Quantized base").
+--section op`` measures both (docs/quantized.md).
 """
 from __future__ import annotations
 

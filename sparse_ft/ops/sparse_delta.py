@@ -45,6 +45,7 @@ class _DeltaInPlace:
 
     def __enter__(self) -> None:
         if self.flat.is_cuda and crossover.triton_available(self.flat.device):
+            # triton is optional (CUDA only): imported only on that path
             from .sddmm_triton import delta_write
 
             self.saved = delta_write(self.flat, self.indices, self.values)
@@ -54,6 +55,7 @@ class _DeltaInPlace:
 
     def __exit__(self, *exc) -> None:
         if self.flat.is_cuda and crossover.triton_available(self.flat.device):
+            # triton is optional (CUDA only): imported only on that path
             from .sddmm_triton import delta_restore
 
             delta_restore(self.flat, self.indices, self.saved)
@@ -80,7 +82,8 @@ def sampled_weight_grad(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor
     """
     m = dy.shape[1]
     if backend is None:
-        backend = crossover.choose(m, in_features, dy.shape[0], indices.numel(), dy.dtype, dy.device)
+        backend = crossover.choose(m, in_features, dy.shape[0], indices.numel(), dy.dtype, dy.device,
+                                   grad_fn=sampled_weight_grad)
     if backend == "dense":
         full = torch.mm(dy.t(), x.to(dy.dtype))
         return full.view(-1).index_select(0, indices).float()
@@ -89,7 +92,7 @@ def sampled_weight_grad(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor
         rows_cols = (rows, indices - rows * in_features)
     rows, cols = rows_cols
     if backend in ("triton", "triton_xt"):
-        from .sddmm_triton import sddmm
+        from .sddmm_triton import sddmm  # triton is optional (CUDA only)
 
         return sddmm(dy, x, rows.int(), cols.int(), layout="tchunk" if backend == "triton" else "xt")
     if backend == "sampled":

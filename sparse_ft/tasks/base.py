@@ -24,6 +24,10 @@ class Example:
     answers: list[str] = field(default_factory=list)
     """Generation: gold answers for token F1 (the best match counts)."""
 
+    messages: list[dict] | None = None
+    """Chat formats: the conversation (``{"role", "content"}`` messages), rendered with the chat
+    template at encoding; every assistant turn is trained. ``prompt``/``target`` are then unused."""
+
 
 @dataclass
 class TaskData:
@@ -42,7 +46,9 @@ class Task:
     train_split: ClassVar[str] = "train"
     test_split: ClassVar[str] = "validation"
     columns: ClassVar[tuple[str, ...]] = ()
-    """Columns a row must have (checked on the first row, so a wrong file fails with a clear message)."""
+    """Columns a row must have (checked before training, so a wrong file fails with a clear message)."""
+    chat: ClassVar[bool] = False
+    """Whether examples are conversations rendered with a chat template (``task.chat_template``)."""
 
     def __init__(self, **options):
         self.options = options
@@ -52,6 +58,8 @@ class Task:
         return {"classification": "accuracy", "generation": "f1", "language_modeling": "loss"}[self.kind]
 
     def example(self, row: dict) -> Example:
+        """The example of one row. A ``KeyError``, ``TypeError`` or ``ValueError`` raised here is
+        reported with the file and row it came from."""
         raise NotImplementedError
 
     def examples(self, row: dict) -> list[Example]:

@@ -163,4 +163,54 @@ class Instruction(Task):
         return Example(row[prompt_field], row[response_field])
 
 
-ALL = (SST2, RTE, CB, BoolQ, WSC, WiC, MultiRC, COPA, ReCoRD, SQuAD, DROP, Instruction)
+def _text(row: dict, column: str, optional: bool = False) -> str:
+    value = row.get(column)
+    if value is None and optional:
+        return ""
+    if not isinstance(value, str):
+        raise TypeError(f"column {column!r} must be a string, got {type(value).__name__} {value!r:.60}")
+    return value
+
+
+class Alpaca(Task):
+    """Instruction data in the Alpaca layout: ``instruction``, optional ``input``, ``output``.
+
+    Rendered as a user turn (the instruction, then the input after a blank line) and an assistant
+    turn (the output) with the chat template; trained on the output only, evaluated by its loss.
+    """
+
+    name = "alpaca"
+    kind = "language_modeling"
+    chat = True
+    columns = ("instruction", "output")
+
+    def example(self, row):
+        user = _text(row, "instruction")
+        extra = _text(row, "input", optional=True)
+        if extra.strip():
+            user = f"{user}\n\n{extra}"
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": _text(row, "output")}]
+        system = self.options.get("system_prompt")
+        if system:
+            messages.insert(0, {"role": "system", "content": system})
+        return Example(user, messages[-1]["content"], messages=messages)
+
+
+class Messages(Task):
+    """Conversations: a ``messages`` column of OpenAI ``{role, content}`` messages (or ShareGPT
+    ``{from, value}``), rendered with the chat template; every assistant turn is trained."""
+
+    name = "messages"
+    kind = "language_modeling"
+    chat = True
+    columns = ("messages",)
+
+    def example(self, row):
+        from .chat import normalize_messages
+
+        messages = normalize_messages(row.get("messages"), self.options.get("system_prompt"))
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        return Example(messages[last - 1]["content"] if last else "", messages[last]["content"], messages=messages)
+
+
+ALL = (SST2, RTE, CB, BoolQ, WSC, WiC, MultiRC, COPA, ReCoRD, SQuAD, DROP, Instruction, Alpaca, Messages)

@@ -6,7 +6,8 @@ Layout of ``checkpoint_dir``::
                           parameters, optimizer and scheduler shards; never the frozen base),
                           rng_rank<r>.pt per rank, trainer_state.json, delta.safetensors
     latest                the name of the newest complete checkpoint (replaced atomically)
-    .partial/step-000044/ a checkpoint being written
+    zero_to_fp32.py       DeepSpeed's recovery scripts (ZeRO 1-3), moved here out of .partial/
+    .partial/step-000044/ a checkpoint being written (removed once committed)
 
 A checkpoint is written under ``.partial/`` and renamed into place only after every rank has
 finished, then ``latest`` is replaced; a process killed midway leaves the previous checkpoint and
@@ -19,23 +20,28 @@ verifies, says which ones it skipped, and moves those aside into ``.corrupt/``.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import random
+import re
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..delta import save_delta
 from ..errors import RunError
 
 logger = logging.getLogger("sparse_ft")
 
 PARTIAL = ".partial"
 LATEST = "latest"
+_SHARD_RANK = re.compile(r"zero_pp_rank_(\d+)_")
 MANIFEST = "manifest.json"
 CORRUPT = ".corrupt"
 
@@ -177,6 +183,63 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+@contextlib.contextmanager
+def trained_module_state_only(engine):
+    """While saving, DeepSpeed's module state holds the trained parameters and buffers only.
+
+    ``exclude_frozen_parameters`` drops frozen parameters by the names ``named_parameters()`` gives,
+    which lists a shared tensor once: a tied output head (``lm_head.weight``, the embeddings under
+    another name) stays, a full frozen copy in every checkpoint (114 MB for SmolLM2-135M). Entries a
+    module writes beside its parameters stay too (bitsandbytes' ``weight.absmax``/``SCB`` quantization
+    state of the frozen base). So everything that is not a trained parameter, under any of its names,
+    or a buffer is dropped; the base comes from ``model.name_or_path`` on resume, as before."""
+    module = engine.module
+    keep = {n for n, p in module.named_parameters(remove_duplicate=False) if p.requires_grad}
+    keep |= {n for n, _ in module.named_buffers(remove_duplicate=False)}
+    original = engine.module_state_dict
+
+    def module_state_dict(*args, **kwargs):
+        state = original(*args, **kwargs)
+        if state is not None and kwargs.get("exclude_frozen_parameters"):
+            for key in [k for k in state if k not in keep]:
+                del state[key]
+        return state
+
+    engine.module_state_dict = module_state_dict  # the engine calls self.module_state_dict(...)
+    try:
+        yield
+    finally:
+        del engine.module_state_dict
+
+
+def _ranks_with_shards(path: Path) -> list[int]:
+    ranks = {int(m.group(1)) for p in path.glob("*zero_pp_rank_*") if (m := _SHARD_RANK.search(p.name))}
+    return sorted(ranks)
+
+
+def check_rank_files(path: Path, rank: int) -> None:
+    """Fail naming the rank, host and directory when this rank's files are not in ``path``:
+    with node-local checkpoints every rank must run on the node that wrote its shards. (DeepSpeed's
+    own error is a bare ``assert len(self.ckpt_list) > 0``.)"""
+    shards = _ranks_with_shards(path)
+    missing = []
+    if shards and rank not in shards:
+        missing.append(f"*zero_pp_rank_{rank}_* (the ZeRO shards of rank {rank}; this directory holds ranks "
+                       f"{', '.join(map(str, shards))})")
+    if not any(path.glob("*model_states.pt")):
+        missing.append("*model_states.pt (DeepSpeed's module state)")
+    if missing:
+        raise CheckpointFilesMissing(
+            f"resume from {path}: rank {rank} on host {socket.gethostname()} finds no {' and no '.join(missing)}. "
+            "With node-local checkpoints each rank must run on the node that wrote its files (same hosts, "
+            "same processes per node, same order); or copy every node's checkpoint directory into one "
+            "(docs/multi-node.md)")
+
+
+class CheckpointFilesMissing(RuntimeError):
+    """A rank's checkpoint files are not where the resume looks for them."""
+
+
 class CheckpointManager:
     def __init__(self, root: Path, keep_last: int, rank: int, local_rank: int, node_local: bool):
         self.root = Path(root)
@@ -188,8 +251,6 @@ class CheckpointManager:
     def save(self, engine, stage: int, step: int, trainer_state: dict, base_model: str | None,
              delta_metadata: dict | None = None) -> Path:
         """Collective: every rank must call it."""
-        from ..delta import save_delta
-
         tag = tag_for(stage, step)
         final = self.root / tag
         partial_root = self.root / PARTIAL
@@ -200,8 +261,9 @@ class CheckpointManager:
             partial_root.mkdir(parents=True, exist_ok=True)
         torch.distributed.barrier()
         try:
-            engine.save_checkpoint(str(partial_root), tag=tag, client_state={"stage": stage, "step": step},
-                                   save_latest=False, exclude_frozen_parameters=True)
+            with trained_module_state_only(engine):
+                engine.save_checkpoint(str(partial_root), tag=tag, client_state={"stage": stage, "step": step},
+                                       save_latest=False, exclude_frozen_parameters=True)
             torch.save(rng_state(), partial_root / tag / f"rng_rank{self.rank}.pt")
             save_delta(engine.module, partial_root / tag / "delta.safetensors", base_model=base_model, engine=engine,
                        write=self.is_writer, extra_metadata=delta_metadata)
@@ -229,6 +291,16 @@ class CheckpointManager:
         os.replace(self.root / PARTIAL / tag, self.root / tag)
         _write_atomic(self.root / LATEST, tag)
         self._prune(keep=tag)
+        self._tidy_partial()
+
+    def _tidy_partial(self) -> None:
+        """DeepSpeed copies its recovery scripts (``zero_to_fp32.py``) into the directory it saves to,
+        ``.partial/``: move them beside the checkpoints they read, then remove ``.partial/`` if empty."""
+        partial = self.root / PARTIAL
+        for script in partial.glob("*.py"):
+            os.replace(script, self.root / script.name)
+        with contextlib.suppress(OSError):
+            partial.rmdir()  # not empty: something else is being written there; leave it
 
     def _prune(self, keep: str) -> None:
         for stale in self.root.glob(LATEST + ".tmp*"):  # left by a process killed while moving `latest`
@@ -242,6 +314,7 @@ class CheckpointManager:
         """Restore engine state and this rank's RNG from ``path``; returns trainer_state."""
         path = Path(path)
         state = read_state(path)
+        check_rank_files(path, self.rank)
         load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=False,
                                               load_optimizer_states=True, load_lr_scheduler_states=True)
         if load_path is None:

@@ -19,6 +19,21 @@ from ..tasks.encode import IGNORE, encode_pair, encode_train_example, pad
 from .runtime import all_reduce_
 
 
+# How an option is scored (train.eval_metric): today's mean log-likelihood per token, or
+# lm-evaluation-harness's multiple-choice definitions: ``acc`` takes the summed log-likelihood of the
+# continuation, ``acc_norm`` divides that sum by the continuation's length in UTF-8 bytes.
+EVAL_METRICS = ("mean_logprob", "acc", "acc_norm")
+
+
+def _option_score(token_logprobs: torch.Tensor, option: str, metric: str) -> float:
+    total = token_logprobs.sum().item()
+    if metric == "acc":
+        return total
+    if metric == "acc_norm":
+        return total / max(len(option.encode("utf-8")), 1)
+    return token_logprobs.mean().item()
+
+
 def _synced(batches: list, dummy) -> list:
     """Pad ``batches`` with ``dummy`` so every rank iterates the same number of times."""
     n = torch.tensor([len(batches)], dtype=torch.long,
@@ -37,8 +52,10 @@ def _chunks(items: list, size: int) -> list[list]:
 
 @torch.no_grad()
 def option_scores(model, tokenizer, examples: list[Example], batch_size: int, max_length: int,
-                  device: torch.device) -> list[list[float]]:
-    """Mean log-likelihood per token of every option of every example (one list per example).
+                  device: torch.device, metric: str = "mean_logprob") -> list[list[float]]:
+    """Score of every option of every example (one list per example): by default the mean
+    log-likelihood per token; ``metric`` ``acc``/``acc_norm`` as lm-evaluation-harness (see
+    ``EVAL_METRICS``).
 
     When every option of an example is a single token after the same prompt tokens (SST-2's
     " terrible"/" great"), one forward pass of the prompt scores them all.
@@ -66,7 +83,7 @@ def option_scores(model, tokenizer, examples: list[Example], batch_size: int, ma
             for oi, start, target in items:
                 lp = F.log_softmax(logits[row, start - 1:start - 1 + len(target)].float(), dim=-1)
                 idx = torch.tensor(target, device=lp.device)
-                scores[ei][oi] = lp.gather(1, idx[:, None]).mean().item()
+                scores[ei][oi] = _option_score(lp.gather(1, idx[:, None]), examples[ei].options[oi], metric)
     return scores
 
 
@@ -132,7 +149,8 @@ def response_loss(model, tokenizer, examples: list[Example], batch_size: int, ma
 
 
 def evaluate(model, tokenizer, task: Task, examples: list[Example], *, batch_size: int, max_length: int,
-             max_new_tokens: int, device: torch.device, rank: int, world: int, zero3: bool) -> dict:
+             max_new_tokens: int, device: torch.device, rank: int, world: int, zero3: bool,
+             eval_metric: str = "mean_logprob") -> dict:
     """Metrics over ``examples`` (split across ranks, reduced): ``accuracy``, ``f1`` or ``loss``,
     plus ``n``."""
     was_training = model.training
@@ -140,7 +158,7 @@ def evaluate(model, tokenizer, task: Task, examples: list[Example], *, batch_siz
     mine = _shard(examples, rank, world)
     try:
         if task.kind == "classification":
-            scores = option_scores(model, tokenizer, mine, batch_size, max_length, device)
+            scores = option_scores(model, tokenizer, mine, batch_size, max_length, device, eval_metric)
             correct = 0
             for ex, s in zip(mine, scores):
                 pred = max(range(len(s)), key=s.__getitem__)

@@ -100,6 +100,15 @@ def count_nonfinite(tensors: list[torch.Tensor], device: torch.device) -> torch.
     return total
 
 
+def sum_squares(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Sum of squared entries over ``tensors`` (fp64 scalar on ``device``, no sync): a gradient
+    norm's square, for metrics."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for t in tensors:
+        total += t.detach().float().pow(2).sum().to(device=device, dtype=torch.float64)
+    return total
+
+
 def check_max_bad_steps(value: int) -> None:
     if value < 0:
         raise ConfigError(f"train.max_bad_steps = {value}; allowed: >= 0 (0: never stop, still skip bad steps)")

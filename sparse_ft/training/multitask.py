@@ -12,6 +12,7 @@ import logging
 import torch
 
 from ..errors import ConfigError
+from ..methods.propetl import set_task
 from ..tasks import TaskData, get_task, load_task_data
 from ..tasks.data import check_local_files
 from ..tasks.encode import encode_train_example
@@ -99,15 +100,11 @@ class TaskMix:
 
     def activate(self, model, example_indices: list[int]) -> None:
         """Select the task of this micro-batch (all its examples share one) on the model."""
-        from ..methods.propetl import set_task
-
         set_task(model, self.task_of[example_indices[0]])
 
     def evaluate(self, trainer, split: str) -> dict:
         """Each task on its own split with its own task mask: ``<task>/<metric>`` keys plus the mean
         of the tasks' main metrics under the metric's own name."""
-        from ..methods.propetl import set_task
-
         tc, task_cfg = trainer.run_config.train, trainer.run_config.task
         module = trainer.engine if trainer.engine is not None else trainer.model
         out: dict = {}
@@ -120,7 +117,7 @@ class TaskMix:
             res = evaluate(module, trainer.tokenizer, task, examples,
                            batch_size=tc.eval_batch_size or tc.micro_batch_size, max_length=task_cfg.max_length,
                            max_new_tokens=task_cfg.max_new_tokens, device=trainer.device, rank=trainer.rank,
-                           world=trainer.world, zero3=trainer.zero3)
+                           world=trainer.world, zero3=trainer.zero3, eval_metric=tc.eval_metric)
             out.update({f"{task.name}/{k}": v for k, v in res.items()})
             main.append((task.metric, res[task.metric]))
         if main and len({m for m, _ in main}) == 1:

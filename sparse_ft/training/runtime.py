@@ -1,6 +1,7 @@
 """Process-level setup: distributed init (launcher or plain process), precision, devices, memory."""
 from __future__ import annotations
 
+import datetime
 import os
 import resource
 import socket
@@ -95,10 +96,11 @@ def check_extension_locks() -> None:
                        "build directory of this environment's own")
 
 
-def init_distributed() -> tuple[int, int, int]:
+def init_distributed(timeout_s: float | None = None) -> tuple[int, int, int]:
     """(rank, world_size, local_rank). Works under deepspeed/torchrun/SLURM launchers, which set the
-    usual env variables, and as one plain process, for which it sets them."""
-    import deepspeed
+    usual env variables, and as one plain process, for which it sets them. ``timeout_s`` bounds every
+    collective (``train.dist_timeout_s``; torch's default when None)."""
+    import deepspeed  # a dependency, imported where used: it takes seconds to import
 
     if not torch.distributed.is_initialized():
         check_extension_locks()
@@ -108,7 +110,8 @@ def init_distributed() -> tuple[int, int, int]:
             # One process rendezvouses with itself: any free port does. Never trust an inherited
             # MASTER_PORT here; a parent that ran this function (a sweep, a notebook, pytest) holds it.
             os.environ["MASTER_PORT"] = str(_free_port())
-        deepspeed.init_distributed(verbose=False)
+        kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
+        deepspeed.init_distributed(verbose=False, **kwargs)
     rank = torch.distributed.get_rank()
     world = torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -124,11 +127,20 @@ def device() -> torch.device:
 
 
 def resolve_precision(precision: str) -> str:
+    """``auto``: bf16 on a GPU that supports it, fp32 on other GPUs; on CPU whichever this machine
+    multiplies faster (measured once and cached, see :mod:`sparse_ft.ops.cpu_precision`). Under
+    several processes rank 0 decides for all, so every rank runs the same precision."""
     if precision != "auto":
         return precision
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    from ..ops.cpu_precision import cpu_precision
+
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        choice = [cpu_precision() if torch.distributed.get_rank() == 0 else None]
+        torch.distributed.broadcast_object_list(choice, src=0)
+        return choice[0]
+    return cpu_precision()
 
 
 def torch_dtype(precision: str) -> torch.dtype:

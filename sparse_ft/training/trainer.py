@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -18,18 +19,22 @@ import torch
 import yaml
 
 from .. import api
-from ..config import RunConfig, TrainConfig
+from ..config import RunConfig, TrainConfig, data_source, task_of
+from ..delta import save_delta
 from ..errors import ConfigError, RunError
+from ..methods.base import find_targets
 from ..quant import make_optimizer
-from ..tasks import get_task, load_task_data
-from ..tasks.encode import encode_train_example, pad
+from ..tasks import load_task_data
+from ..tasks.chat import set_chat_template
+from ..tasks.encode import encode_training_set, pack, pad, pad_packed
 from . import runtime
 from .checkpoint import (CheckpointManager, CorruptCheckpoint, list_checkpoints, newest_intact, read_latest,
                          read_state, verify)
 from .data import BatchPlan
 from .ds_config import build_ds_config, zero_stage
 from .evaluate import evaluate
-from .guard import DIVERGED_FILE, Diverged, count_nonfinite, local_grads, make_skippable
+from .guard import DIVERGED_FILE, Diverged, count_nonfinite, local_grads, make_skippable, sum_squares
+from .jobstatus import WATCH, startup_barrier
 from .model import load_config_only, load_model, load_tokenizer, meta_model
 from .multitask import TaskMix
 from .rundir import RunLock, check_finished, check_resume_config, read_run_config
@@ -42,8 +47,6 @@ def check_targets(run: RunConfig) -> None:
     wrong name fails before any weight is read."""
     if not run.method.target_modules:
         return
-    from ..methods.base import find_targets
-
     find_targets(meta_model(run.model), run.method.target_modules)
 
 
@@ -54,14 +57,29 @@ def check_output_dir(run: RunConfig) -> None:
                           "directory, resume it with train.resume_from=latest, or set train.overwrite_output_dir=true")
 
 
-def lr_lambda(schedule: str, warmup: int, total: int):
-    def fn(step: int) -> float:
-        if warmup > 0 and step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        return max(0.0, (total - step) / max(1, total - warmup))
-    return fn
+def make_scheduler(optimizer: torch.optim.Optimizer, tc: TrainConfig, total_steps: int):
+    """``transformers.get_scheduler`` for ``train.schedule``; ``constant`` with a warm-up is
+    ``constant_with_warmup``. A LambdaLR: DeepSpeed checkpoints its step count, so a resumed run
+    continues the same curve."""
+    from transformers import get_scheduler
+
+    warmup = tc.warmup_steps or math.ceil(tc.warmup_ratio * total_steps)
+    name = "constant_with_warmup" if tc.schedule == "constant" and warmup else tc.schedule
+    kwargs = dict(tc.scheduler_kwargs)
+    if name == "warmup_stable_decay":
+        kwargs.setdefault("num_decay_steps", max(1, round(0.1 * total_steps)))
+    try:
+        return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
+                             scheduler_specific_kwargs=kwargs or None)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"train.schedule = {tc.schedule!r} with train.scheduler_kwargs = {tc.scheduler_kwargs!r}: "
+                          f"{e}") from None
+
+
+def check_schedule(tc: TrainConfig) -> None:
+    """Build the schedule once on a throw-away optimizer, so bad ``scheduler_kwargs`` fail before
+    the model loads."""
+    make_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=tc.lr), tc, 100)
 
 
 class StopTraining(Exception):
@@ -79,9 +97,14 @@ class MetricsWriter:
 
     def __init__(self, path: Path, enabled: bool):
         self.path, self.enabled, self.rows, self.f = path, enabled, 0, None
+        # train.report_to trackers (rank 0 only), fed every row written here: see training/tracking.py
+        self.sinks: list = []
 
     def open(self, keep_rows: int | None) -> None:
         if not self.enabled:
+            # Ranks that do not write still count rows: their trainer_state.json (node-local
+            # checkpoints: one per node) must say what rank 0's says.
+            self.rows = keep_rows or 0
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept: list[str] = []
@@ -97,12 +120,22 @@ class MetricsWriter:
         if self.f is not None:
             self.f.write(json.dumps(row) + "\n")
             self.f.flush()
+        for sink in list(self.sinks):
+            try:
+                sink.log(row)
+            except Exception as e:  # noqa: BLE001 - a tracker's failure must not end the training run
+                logger.warning("%s failed (%s: %s); metrics.jsonl keeps every row, this tracker gets no more",
+                               type(sink).__name__, type(e).__name__, e)
+                self.sinks.remove(sink)
         self.rows += 1
 
     def close(self) -> None:
         if self.f is not None:
             self.f.close()
             self.f = None
+        sinks, self.sinks = self.sinks, []
+        for sink in sinks:
+            sink.close()
 
 
 class Trainer:
@@ -111,7 +144,8 @@ class Trainer:
 
     def __init__(self, run: RunConfig):
         self.run_config = run
-        self.rank, self.world, self.local_rank = runtime.init_distributed()
+        self.rank, self.world, self.local_rank = runtime.init_distributed(run.train.dist_timeout_s)
+        WATCH.start(run.train.output_dir, run.train.startup_timeout_s)
         if self.rank != 0:
             logger.setLevel(logging.WARNING)
         # Every rank checks the output directory before any rank writes to it.
@@ -152,23 +186,40 @@ class Trainer:
             return
         check_targets(run)
         self.precision = runtime.resolve_precision(run.train.precision)
-        if self.precision == "bf16" and not torch.cuda.is_available():
-            logger.warning("train.precision=bf16 on CPU: bf16 matmuls are far slower than fp32 on most CPUs")
+        if run.train.precision == "auto":
+            logger.info("train.precision = auto: %s on %s", self.precision, "GPU" if torch.cuda.is_available() else "CPU")
+        elif self.precision == "bf16" and not torch.cuda.is_available():
+            logger.warning("train.precision=bf16 on CPU: bf16 matmuls are far slower than fp32 on CPUs without bf16 "
+                           "instructions (AMX, avx512_bf16); train.precision=auto measures which is faster here")
         self.device = runtime.device()
         self.output_dir = Path(run.train.output_dir)
         torch.manual_seed(run.train.seed)
 
-        self.task = get_task(run.task.name, prompt_field=run.task.prompt_field, response_field=run.task.response_field)
-        self.data = load_task_data(self.task, run.task.data_dir, run.task.num_train, run.task.num_dev,
+        logger.info("loading task %s and the tokenizer of %s", run.task.name, run.model.name_or_path)
+        check_schedule(run.train)
+        self.task = task_of(run.task)
+        self.data = load_task_data(self.task, data_source(run.task), run.task.num_train, run.task.num_dev,
                                    run.task.num_test, run.task.seed)
         self.tokenizer = load_tokenizer(run.model)
+        if self.task.chat:
+            set_chat_template(self.tokenizer, run.task.chat_template,
+                              f"the tokenizer of {run.model.tokenizer or run.model.name_or_path}")
         self.hidden_size = getattr(load_config_only(run.model), "hidden_size", None)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         add_eos = self.task.kind != "classification"
-        self.encoded = [encode_train_example(self.tokenizer, ex, run.task.max_length, add_eos) for ex in self.data.train]
+        self.packs: list[list[int]] | None = None
         self.mix = TaskMix.from_run(run, self.tokenizer)  # several tasks in one run (method.tasks), else None
         if self.mix is not None:
             self.data, self.encoded = self.mix.combined, self.mix.encoded
+        else:
+            self.encoded, self.length_report = encode_training_set(
+                self.tokenizer, self.data.train, run.task.max_length, add_eos, run.task.truncation,
+                where=f"task {run.task.name!r}")
+            if run.task.packing:
+                # A training item is then a pack of consecutive (already shuffled) examples.
+                self.packs = pack([len(ids) for ids, _ in self.encoded], run.task.max_length)
+                logger.info("task.packing: %d examples in %d sequences of up to %d tokens", len(self.encoded),
+                            len(self.packs), run.task.max_length)
         self.model = None
         self.engine = None
         self.scheduler = None
@@ -205,9 +256,11 @@ class Trainer:
         self.model.config.use_cache = False
 
     def build_engine(self, tc: TrainConfig, total_steps: int) -> None:
-        import deepspeed
+        import deepspeed  # a dependency, imported where used: it takes seconds to import
 
         self.ds_config = self.run_config.method.deepspeed_config(self._ds_config(tc), self.model)
+        logger.info("building the DeepSpeed engine (ZeRO stage %d, %d process%s)", zero_stage(self.ds_config),
+                    self.world, "" if self.world == 1 else "es")
         groups = self.run_config.method.optimizer_groups(self.model, tc)
         if not any(g["params"] for g in groups):
             raise ConfigError("the method left no trainable parameter")
@@ -219,11 +272,9 @@ class Trainer:
         if tc.optimizer != "adamw":
             self.ds_config["zero_allow_untested_optimizer"] = True
         self.optimizer = optimizer
-        warmup = tc.warmup_steps or int(tc.warmup_ratio * total_steps)
-        schedule = lr_lambda(tc.schedule, warmup, total_steps)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=optimizer, config=self.ds_config,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+            lr_scheduler=lambda opt: make_scheduler(opt, tc, total_steps))
         self.trained = [p for p in self.engine.module.parameters() if p.requires_grad]
 
     def destroy_engine(self) -> None:
@@ -243,10 +294,28 @@ class Trainer:
         out = evaluate(module, self.tokenizer, self.task, examples,
                        batch_size=tc.eval_batch_size or tc.micro_batch_size, max_length=task_cfg.max_length,
                        max_new_tokens=task_cfg.max_new_tokens, device=self.device, rank=self.rank, world=self.world,
-                       zero3=self.zero3)
+                       zero3=self.zero3, eval_metric=tc.eval_metric)
         return out
 
     # -- the loop ----------------------------------------------------------------------------------
+    @property
+    def n_items(self) -> int:
+        """Training items the batch plan draws from: examples, or packs of them."""
+        return len(self.packs) if self.packs is not None else len(self.encoded)
+
+    def collate(self, idx: list[int]) -> tuple[dict, int]:
+        """A micro-batch of training items and its count of real (non-padding) tokens."""
+        if self.packs is not None:
+            packs = [[self.encoded[i] for i in self.packs[j]] for j in idx]
+            batch = pad_packed(packs, self.pad_id, runtime.torch_dtype(self.precision))
+            if (self.run_config.model.attn_implementation or "").startswith("flash"):
+                # FlashAttention takes no 4D mask; transformers finds the examples from the restarting
+                # position ids instead (its packed-sequence path).
+                del batch["attention_mask"]
+            return batch, sum(len(e[0]) for p in packs for e in p)
+        batch = pad([self.encoded[i][0] for i in idx], [self.encoded[i][1] for i in idx], self.pad_id)
+        return batch, int(batch["attention_mask"].sum())
+
     def _forward(self, batch: dict) -> torch.Tensor:
         """One micro-batch's loss (a seam for tests that inject a non-finite loss)."""
         return self.engine(**batch).loss
@@ -284,8 +353,8 @@ class Trainer:
             tokens = 0
             micro_batches = plan.micro_batches(step, self.rank)
             for j, idx in enumerate(micro_batches):
-                batch = pad([self.encoded[i][0] for i in idx], [self.encoded[i][1] for i in idx], self.pad_id)
-                tokens += int(batch["attention_mask"].sum())
+                batch, n_tokens = self.collate(idx)
+                tokens += n_tokens
                 if self.mix is not None:
                     self.mix.activate(self.model, idx)
                 loss = self._forward({k: v.to(device) for k, v in batch.items()})
@@ -296,12 +365,19 @@ class Trainer:
             step += 1
             # The guard's verdict rides in the loss all-reduce. Under fp16 an inf gradient is DeepSpeed's
             # loss scaler calibrating (it skips those steps itself), so only the loss is checked there.
-            bad_grads = (count_nonfinite(local_grads(engine, self.trained), device) if self.precision != "fp16"
+            grads = local_grads(engine, self.trained) if self.precision != "fp16" else None
+            bad_grads = (count_nonfinite(grads, device) if grads is not None
                          else torch.zeros((), dtype=torch.float64, device=device))
+            # The pre-clipping gradient norm for metrics.jsonl, from the same local shares (fp16's are
+            # loss-scaled: DeepSpeed's own norm is logged there instead).
+            grad_sq = (sum_squares(grads, device) if grads is not None
+                       else torch.full((), float("nan"), dtype=torch.float64, device=device))
             stats = torch.stack([loss_sum, torch.tensor(float(len(micro_batches)), dtype=torch.float64, device=device),
-                                 torch.tensor(float(tokens), dtype=torch.float64, device=device), bad_grads])
+                                 torch.tensor(float(tokens), dtype=torch.float64, device=device), bad_grads, grad_sq])
             runtime.all_reduce_(stats)
-            loss_total, n_micro, n_tokens, n_bad_grads = stats.tolist()  # the step's one host transfer
+            loss_total, n_micro, n_tokens, n_bad_grads, grad_sq_total = stats.tolist()  # the step's one host transfer
+            # ZeRO-1/2/3 ranks hold disjoint shares; without ZeRO every rank holds all of the reduced gradients.
+            grad_norm = math.sqrt(grad_sq_total / (self.world if engine.zero_optimization_stage() == 0 else 1))
             last_loss = self.last_loss = loss_total / n_micro
             step_lr = self.scheduler.get_last_lr()[0]
             reason = ("non-finite loss" if not math.isfinite(loss_total) else
@@ -316,6 +392,8 @@ class Trainer:
                 logger.warning("step %d: %s, optimizer step skipped (%d in a row, %d in all; lr %g)", step, reason,
                                self.consecutive_bad_steps, self.bad_steps, step_lr)
             elapsed = time.perf_counter() - t0
+            if step == start_step + 1:
+                logger.info("%s: first optimizer step done in %.1f s", stage_name, elapsed)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{last_loss:.4f}")
@@ -323,6 +401,10 @@ class Trainer:
                 row = {**tag, "step": step, "epoch": round(plan.epoch_of(step), 4), "loss": last_loss,
                        "lr": self.scheduler.get_last_lr()[0], "tokens_per_s": n_tokens / max(elapsed, 1e-9),
                        "peak_mem_gib": runtime.peak_memory_gib(), "bad_steps": self.bad_steps}
+                if math.isnan(grad_norm) and reason is None:
+                    grad_norm = engine.get_global_grad_norm()
+                if grad_norm is not None and not math.isnan(grad_norm):
+                    row["grad_norm"] = float(grad_norm)
                 if reason is not None:
                     row.update(skipped=reason, consecutive_bad_steps=self.consecutive_bad_steps)
                 self.metrics.write(row)
@@ -415,6 +497,19 @@ class Trainer:
             logger.info("train.resume_from=latest: no checkpoint in %s yet, starting fresh", root)
         return path
 
+    def _check_same_resume(self, resume_path: Path | None) -> None:
+        """Every rank must resume the same checkpoint (or none): with node-local checkpoints a node
+        whose disk lacks it would start fresh while the others resume, and the job would hang."""
+        if self.world == 1:
+            return
+        found = [None] * self.world
+        torch.distributed.all_gather_object(found, (resume_path.name if resume_path else None, socket.gethostname()))
+        if len({tag for tag, _ in found}) > 1:
+            where = "; ".join(f"rank {r} on host {host}: {tag or 'none'}" for r, (tag, host) in enumerate(found))
+            raise ConfigError(f"train.resume_from = {self.run_config.train.resume_from!r}: the ranks found different "
+                              f"checkpoints in {self.checkpoints.root} ({where}). With node-local checkpoints "
+                              "every node needs its own copy of the checkpoint directory, at the same path")
+
     def _clear_old_run(self) -> None:
         """train.overwrite_output_dir=true, starting afresh: the earlier run's checkpoints and final
         files go, so none of them can be taken for this run's (rank 0 / the writers)."""
@@ -445,6 +540,7 @@ class Trainer:
         run = self.run_config
         self._stages = run.method.stages(run.train)
         resume_path = self._resume_point()
+        self._check_same_resume(resume_path)
         resume_state = read_state(resume_path) if resume_path else None
         if resume_state is not None:
             saved = resume_state.get("run_config") or read_run_config(self.output_dir)
@@ -458,13 +554,24 @@ class Trainer:
             logger.warning("resuming a checkpoint written by %d processes with %d: the data order per rank differs",
                            resume_state["world_size"], self.world)
         self.metrics.open(keep_rows=resume_state["metrics_rows"] if resume_state else None)
+        if self.rank == 0 and run.train.report_to:
+            from .tracking import make_sinks
+
+            self.metrics.sinks = make_sinks(run.train.report_to, self.output_dir, run.train.run_name, run.to_dict(),
+                                            resume_state["step"] if resume_state else None)
         if self.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "run_config.yaml").write_text(yaml.safe_dump(run.to_dict(), sort_keys=False))
             (self.output_dir / DIVERGED_FILE).unlink(missing_ok=True)  # from an earlier attempt in this dir
         self.load()
+        startup_barrier()
         results: dict = dict(resume_state["stage_results"]) if resume_state else {}
         results["method"] = run.method.describe(self.model)
+        results["precision"] = self.precision
+        if self.mix is None:
+            rep = self.length_report
+            results["data"] = {"train_examples": rep.total - rep.dropped, "prompt_cut": rep.prompt_cut,
+                               "dropped": rep.dropped, **({"packs": len(self.packs)} if self.packs is not None else {})}
         resume_stage = resume_state["stage"] if resume_state else -1
 
         multi = len(self._stages) > 1
@@ -475,7 +582,7 @@ class Trainer:
                 continue
             tc = stage.train
             plan = (self.mix.plan(tc.micro_batch_size, tc.grad_accum, self.world, tc.seed) if self.mix is not None else
-                    BatchPlan(len(self.data.train), tc.micro_batch_size, tc.grad_accum, self.world, tc.seed))
+                    BatchPlan(self.n_items, tc.micro_batch_size, tc.grad_accum, self.world, tc.seed))
             total = plan.total_steps(tc.epochs, tc.max_steps)
             if s == resume_stage and resume_state["step"] > total:
                 raise ConfigError(f"train.max_steps/epochs: the checkpoint {resume_path} is at step "
@@ -516,8 +623,6 @@ class Trainer:
                 self.destroy_engine()
 
         if run.train.save_delta:
-            from ..delta import save_delta
-
             save_delta(self.engine.module, self.output_dir / "delta.safetensors", base_model=run.model.name_or_path,
                        engine=self.engine, extra_metadata=self.delta_metadata())
         if self.rank == 0:
@@ -539,14 +644,18 @@ def train(run: RunConfig) -> dict:
     ``{"stopped_at_step": N}`` when ``train.stop_after_steps`` ended it early, or
     ``{"diverged": {...}}`` (also written to ``output_dir/diverged.json``) when the divergence guard
     stopped it after ``train.max_bad_steps`` consecutive non-finite steps."""
-    trainer = Trainer(run)
     try:
-        return trainer.run()
+        trainer = Trainer(run)
+        result = trainer.run()
     except StopTraining as stop:
         logger.info(str(stop))
         trainer.metrics.close()
+        _end_watch()
+        WATCH.succeeded()
         return {"stopped_at_step": stop.step}
     except Diverged as diverged:
+        _end_watch()
+        WATCH.diverged()
         record = diverged.record()
         if trainer.rank == 0:
             logger.error(str(diverged))
@@ -557,3 +666,18 @@ def train(run: RunConfig) -> dict:
             os.replace(tmp, trainer.output_dir / DIVERGED_FILE)
         trainer.metrics.close()
         return {"diverged": record}
+    except BaseException as error:
+        # Every other rank stops within seconds, naming this rank, its host and the error.
+        WATCH.failed(error)
+        raise
+    _end_watch()
+    WATCH.succeeded()
+    return result
+
+
+def _end_watch() -> None:
+    """Stop watching for failures, then wait for every rank: past this barrier a rank that exits
+    (rank 0 holds the rendezvous store) is the normal end, not a failure."""
+    WATCH.stop()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()

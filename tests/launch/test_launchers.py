@@ -1,6 +1,6 @@
 """Launchers: exact dry-run commands, SLURM node lists, and every input check, without launching.
 
-``sparse_ft.launchers._launch`` is replaced for every test, so nothing here can start a real
+``sparse_ft.launch.common._launch`` is replaced for every test, so nothing here can start a real
 launch; the thin ``launch/*.py`` scripts run as subprocesses with ``--dry-run`` only.
 """
 from __future__ import annotations
@@ -13,12 +13,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sparse_ft import launchers
+from sparse_ft.errors import ConfigError
+from sparse_ft.launch import common, hostfile as hostfiles, multinode
 from sparse_ft.config import parse_overrides, set_dotted
-from sparse_ft.launchers import expand_nodelist, multinode_main, slurm_main, torchrun_main
+from sparse_ft.launch.multinode import multinode_main
+from sparse_ft.launch.slurm import expand_nodelist, slurm_main
+from sparse_ft.launch.torchrun import torchrun_main
 
 ROOT = Path(__file__).resolve().parents[2]
-TRAIN = str(launchers.TRAIN_SCRIPT)  # tests run from tmp dirs, so the script shows as an absolute path
+TRAIN = str(common.TRAIN_SCRIPT)  # tests run from tmp dirs, so the script shows as an absolute path
 SLURM_VARS = ("SLURM_JOB_NODELIST", "SLURM_NODELIST", "SLURM_NNODES", "SLURM_JOB_NUM_NODES", "SLURM_JOB_ID",
               "SLURM_JOBID", "SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE", "SLURM_CPUS_PER_TASK")
 TWO_NODES = "# two nodes of 8 GPUs\nworker-1 slots=8\n\nworker-2 slots=8  # spare\n"
@@ -38,7 +41,9 @@ def workdir(tmp_path, monkeypatch):
     def no_launch(command, env):
         raise Launched(command)
 
-    monkeypatch.setattr(launchers, "_launch", no_launch)
+    monkeypatch.setattr(common, "_launch", no_launch)
+    # The default rendezvous port of a deepspeed launch is a free port of this machine.
+    monkeypatch.setattr(multinode, "free_port", lambda: 29555)
     return tmp_path
 
 
@@ -71,8 +76,8 @@ class FakeLaunch(list):
 @pytest.fixture
 def fake_run(monkeypatch) -> FakeLaunch:
     fake = FakeLaunch()
-    monkeypatch.setattr(launchers, "_launch", fake)
-    monkeypatch.setattr(launchers.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(common, "_launch", fake)
+    monkeypatch.setattr(common.shutil, "which", lambda name: f"/usr/bin/{name}")
     return fake
 
 
@@ -98,33 +103,39 @@ def test_multinode_dry_run_prints_env_file_and_exact_command(hostfile, config, c
         "--master-port", "29600", "--env", "NCCL_SOCKET_IFNAME=eth0", "--env", "NCCL_IB_DISABLE=1",
         "--dry-run", "--config", "run.yaml", "train.lr=1e-2"], capsys)
     assert (code, err) == (0, "")
+    env_file = workdir / "runs/default/launch/deepspeed_env"  # the run's own, under train.output_dir
     assert out == (
-        "# .deepspeed_env\nNCCL_SOCKET_IFNAME=eth0\nNCCL_IB_DISABLE=1\n"
+        "# runs/default/launch/deepspeed_env\nNCCL_SOCKET_IFNAME=eth0\nNCCL_IB_DISABLE=1\n"
         "# command\n"
-        "NCCL_SOCKET_IFNAME=eth0 NCCL_IB_DISABLE=1 deepspeed --hostfile hostfile --include worker-1:0,1@worker-2 "
+        f"DS_ENV_FILE={env_file} NCCL_SOCKET_IFNAME=eth0 NCCL_IB_DISABLE=1 deepspeed --hostfile hostfile "
+        "--include worker-1:0,1@worker-2 "
         f"--master_addr 10.0.0.1 --master_port 29600 {TRAIN} --config run.yaml train.lr=1e-2\n")
-    assert not (workdir / ".deepspeed_env").exists(), "a dry run writes nothing"
+    assert not (workdir / "runs").exists(), "a dry run writes nothing"
 
 
 def test_multinode_plan_command_list(hostfile, config):
-    launch = launchers.DeepSpeedLaunch(hostfile="hostfile", num_nodes=2, num_gpus=4)
-    plan = launchers.deepspeed_plan(launch, launchers.read_hostfile("hostfile"), ["--config", "run.yaml"], {})
-    assert plan.command == ["deepspeed", "--hostfile", "hostfile", "--num_nodes", "2", "--num_gpus", "4", TRAIN,
-                            "--config", "run.yaml"]
-    assert plan.env == {} and plan.files == {}
+    launch = multinode.DeepSpeedLaunch(hostfile="hostfile", num_nodes=2, num_gpus=4)
+    plan = multinode.deepspeed_plan(launch, hostfiles.read_hostfile("hostfile"), ["--config", "run.yaml"], {})
+    assert plan.command == ["deepspeed", "--hostfile", "hostfile", "--num_nodes", "2", "--num_gpus", "4",
+                            "--master_port", "29555", TRAIN, "--config", "run.yaml"]
+    env_file = Path("runs/default/launch/deepspeed_env").resolve()
+    assert plan.env == {"DS_ENV_FILE": str(env_file)} and plan.files == {env_file: ""}
+    assert plan.status_file == Path("runs/default/exit_status.json")
 
 
-def test_multinode_runs_merges_env_file_and_returns_exit_code(hostfile, config, capsys, workdir, fake_run):
+def test_multinode_writes_the_runs_own_env_file_and_returns_exit_code(hostfile, config, capsys, workdir, fake_run):
+    # A stale file where deepspeed looks by default is never read: DS_ENV_FILE names the run's own.
     (workdir / ".deepspeed_env").write_text("OMP_NUM_THREADS=4\nNCCL_IB_DISABLE=0\n")
     fake_run.code = 3
     code, _, err = call(multinode_main, ["--hostfile", "hostfile", "--env", "NCCL_IB_DISABLE=1",
                                          "--config", "run.yaml"], capsys)
     assert code == 3
-    assert (workdir / ".deepspeed_env").read_text() == "OMP_NUM_THREADS=4\nNCCL_IB_DISABLE=1\n"
+    env_file = workdir / "runs/default/launch/deepspeed_env"
+    assert env_file.read_text() == "NCCL_IB_DISABLE=1\n"
     [(command, env)] = fake_run
-    assert command == ["deepspeed", "--hostfile", "hostfile", TRAIN, "--config", "run.yaml"]
-    assert env["NCCL_IB_DISABLE"] == "1"
-    assert "NCCL_IB_DISABLE=1 deepspeed --hostfile hostfile" in err
+    assert command == ["deepspeed", "--hostfile", "hostfile", "--master_port", "29555", TRAIN, "--config", "run.yaml"]
+    assert env["NCCL_IB_DISABLE"] == "1" and env["DS_ENV_FILE"] == str(env_file)
+    assert f"DS_ENV_FILE={env_file} NCCL_IB_DISABLE=1 deepspeed --hostfile hostfile" in err
 
 
 def test_killed_launch_reports_128_plus_signal(hostfile, config, capsys, fake_run):
@@ -133,7 +144,7 @@ def test_killed_launch_reports_128_plus_signal(hostfile, config, capsys, fake_ru
 
 
 def test_missing_launcher_executable_is_a_clear_error(hostfile, config, capsys, monkeypatch):
-    monkeypatch.setattr(launchers.shutil, "which", lambda name: None)
+    monkeypatch.setattr(common.shutil, "which", lambda name: None)
     code, _, err = call(multinode_main, ["--hostfile", "hostfile", "--config", "run.yaml"], capsys)
     assert code == 2 and "deepspeed: command not found on PATH" in err
 
@@ -142,7 +153,8 @@ def test_script_path_is_relative_when_run_from_the_repository(hostfile, config, 
     monkeypatch.chdir(ROOT)
     code, out, _ = call(multinode_main, ["--hostfile", hostfile, "--dry-run", "--config", config], capsys)
     assert code == 0
-    assert out.splitlines()[-1] == f"deepspeed --hostfile {hostfile} launch/train.py --config {config}"
+    assert out.splitlines()[-1].endswith(f"deepspeed --hostfile {hostfile} --master_port 29555 launch/train.py "
+                                         f"--config {config}")
 
 
 # --------------------------------------------------------------------------- node-local checkpoints
@@ -156,7 +168,7 @@ def test_node_local_checkpoints_adds_override_that_merges(hostfile, config, caps
         "--config run.yaml train.lr=1e-2 deepspeed.overrides.checkpoint.use_node_local_storage=true")
     # Apply the overrides as sparse_ft.config.load_config does: the YAML's own overrides survive.
     tree = yaml.safe_load(config.read_text())
-    for key, value in parse_overrides(["train.lr=1e-2", launchers.NODE_LOCAL_CHECKPOINT_OVERRIDE]):
+    for key, value in parse_overrides(["train.lr=1e-2", common.NODE_LOCAL_CHECKPOINT_OVERRIDE]):
         set_dotted(tree, key, value)
     assert tree["deepspeed"]["overrides"] == {"zero_optimization": {"stage3_max_live_parameters": 1e8},
                                               "checkpoint": {"use_node_local_storage": True}}
@@ -211,7 +223,7 @@ def test_slurm_torchrun_dry_run(config, capsys, monkeypatch):
     code, out, _ = call(slurm_main, ["--dry-run", "--config", "run.yaml", "train.lr=1e-2"], capsys)
     assert code == 0
     assert out == ("# command\nsrun --nodes=2 --ntasks-per-node=1 --kill-on-bad-exit=1 torchrun --nnodes 2 "
-                   "--nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint gpu001:29500 --rdzv_id 4242 "
+                   "--nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint gpu001:24242 --rdzv_id 4242 "
                    f"{TRAIN} --config run.yaml train.lr=1e-2\n")
 
 
@@ -230,10 +242,12 @@ def test_slurm_deepspeed_dry_run_prints_hostfile_and_command(config, capsys, mon
     code, out, _ = call(slurm_main, ["--launcher", "deepspeed", "--dry-run", "--config", "run.yaml", "train.lr=1e-2"],
                         capsys)
     assert code == 0
-    assert out == ("# hostfile.4242\ngpu001 slots=8\ngpu002 slots=8\n"
-                   "# command\ndeepspeed --hostfile hostfile.4242 --master_addr gpu001 --master_port 29500 "
+    env_file = workdir / "runs/default/launch/deepspeed_env"
+    assert out == ("# runs/default/launch/deepspeed_env\n# runs/default/launch/hostfile.4242\ngpu001 slots=8\ngpu002 slots=8\n"
+                   f"# command\nDS_ENV_FILE={env_file} deepspeed --hostfile runs/default/launch/hostfile.4242 "
+                   "--master_addr gpu001 --master_port 24242 "
                    f"{TRAIN} --config run.yaml train.lr=1e-2\n")
-    assert not (workdir / "hostfile.4242").exists()
+    assert not (workdir / "runs").exists()
 
 
 def test_slurm_deepspeed_writes_hostfile_and_env_file_when_run(config, capsys, monkeypatch, workdir, fake_run):
@@ -242,7 +256,7 @@ def test_slurm_deepspeed_writes_hostfile_and_env_file_when_run(config, capsys, m
                                    "--env", "NCCL_IB_DISABLE=1", "--config", "run.yaml"], capsys)
     assert code == 0
     assert (workdir / "hosts.txt").read_text() == "gpu001 slots=4\ngpu002 slots=4\n"
-    assert (workdir / ".deepspeed_env").read_text() == "NCCL_IB_DISABLE=1\n"
+    assert (workdir / "runs/default/launch/deepspeed_env").read_text() == "NCCL_IB_DISABLE=1\n"
     assert fake_run[0][0][:3] == ["deepspeed", "--hostfile", "hosts.txt"]
 
 
@@ -292,7 +306,7 @@ def test_expand_nodelist(nodelist, hosts):
     ("gpu1,,gpu2", "empty host name"),
 ])
 def test_expand_nodelist_rejects(nodelist, message):
-    with pytest.raises(launchers.ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         expand_nodelist(nodelist)
 
 
@@ -364,8 +378,8 @@ def test_config_is_checked_for_every_launcher(capsys, monkeypatch):
 
 
 def test_hostfile_accepts_comments_and_blank_lines(hostfile):
-    assert launchers.read_hostfile(hostfile) == {"worker-1": 8, "worker-2": 8}
-    assert launchers.format_hostfile({"worker-1": 8, "worker-2": 8}) == "worker-1 slots=8\nworker-2 slots=8\n"
+    assert hostfiles.read_hostfile(hostfile) == {"worker-1": 8, "worker-2": 8}
+    assert hostfiles.format_hostfile({"worker-1": 8, "worker-2": 8}) == "worker-1 slots=8\nworker-2 slots=8\n"
 
 
 # --------------------------------------------------------------------------- the scripts themselves
@@ -379,12 +393,16 @@ def test_multinode_script_as_subprocess(tmp_path):
     env["PYTHONPATH"] = str(ROOT)
     result = subprocess.run(
         [sys.executable, "launch/multinode.py", "--hostfile", str(tmp_path / "hostfile"), "--include", "worker-1:0,1",
-         "--env", "NCCL_IB_DISABLE=1", "--dry-run", "--config", str(tmp_path / "run.yaml"), "train.lr=1e-2"],
+         "--master-port", "29600", "--env", "NCCL_IB_DISABLE=1", "--dry-run", "--config", str(tmp_path / "run.yaml"),
+         f"train.output_dir={tmp_path}/run", "train.lr=1e-2"],
         cwd=ROOT, env=env, text=True, capture_output=True, timeout=120)
     assert result.returncode == 0, result.stderr
+    # One host left: deepspeed is told to ssh to it anyway (--force_multi), and says so.
+    assert "one host left (worker-1): launching on it over ssh" in result.stderr
     assert result.stdout.splitlines()[-1] == (
-        f"NCCL_IB_DISABLE=1 deepspeed --hostfile {tmp_path}/hostfile --include worker-1:0,1 "
-        f"launch/train.py --config {tmp_path}/run.yaml train.lr=1e-2")
+        f"DS_ENV_FILE={tmp_path}/run/launch/deepspeed_env NCCL_IB_DISABLE=1 deepspeed --hostfile {tmp_path}/hostfile "
+        f"--include worker-1:0,1 --master_port 29600 --force_multi "
+        f"launch/train.py --config {tmp_path}/run.yaml train.output_dir={tmp_path}/run train.lr=1e-2")
 
 
 def run_script(name: str, argv: list, monkeypatch, capsys) -> tuple[int, str, str]:
@@ -421,7 +439,7 @@ def test_slurm_script_dry_run(config, monkeypatch, capsys):
     assert code == 0, err
     assert out.splitlines()[-1] == (
         "srun --nodes=2 --ntasks-per-node=1 --kill-on-bad-exit=1 torchrun --nnodes 2 --nproc_per_node 8 "
-        "--rdzv_backend c10d --rdzv_endpoint gpu001:29500 --rdzv_id 99 launch/train.py "
+        "--rdzv_backend c10d --rdzv_endpoint gpu001:20099 --rdzv_id 99 launch/train.py "
         f"--config {config} deepspeed.overrides.checkpoint.use_node_local_storage=true")
 
 
@@ -431,7 +449,7 @@ def test_slurm_script_outside_slurm_exits_2(config, monkeypatch, capsys):
     assert "launch/slurm.py: error: SLURM_JOB_NODELIST is not set" in err
 
 
-@pytest.mark.parametrize("name", ["multinode.py", "torchrun.py", "slurm.py"])
+@pytest.mark.parametrize("name", ["multinode.py", "torchrun.py", "slurm.py", "slurm_submit.py"])
 def test_scripts_start_with_the_command_that_runs_them(name):
     import ast
 
@@ -442,11 +460,173 @@ def test_scripts_start_with_the_command_that_runs_them(name):
 def test_sbatch_template():
     text = (ROOT / "launch" / "slurm_train.sbatch").read_text()
     lines = text.splitlines()
-    assert lines[0] == "#!/bin/bash" and lines[1].startswith("# sbatch launch/slurm_train.sbatch ")
+    assert lines[0] == "#!/bin/bash" and lines[1].startswith("# python launch/slurm_submit.py ")
     directives = [line for line in lines if line.startswith("#SBATCH")]
     assert "#SBATCH --ntasks-per-node=1" in directives
-    assert any(d.startswith("#SBATCH --gpus-per-node=") for d in directives)
+    # Resources come from launch/slurm_submit.py's arguments, not from lines users must edit.
+    assert not any(d.startswith(("#SBATCH --gpus", "#SBATCH --cpus", "#SBATCH --nodes")) for d in directives)
     first_command = next(i for i, line in enumerate(lines) if line.strip() and not line.startswith("#"))
     assert all(lines.index(d) < first_command for d in directives), "sbatch ignores #SBATCH after a command"
     assert 'python launch/slurm.py "$@"' in text
     subprocess.run(["bash", "-n", str(ROOT / "launch" / "slurm_train.sbatch")], check=True)
+
+
+# --------------------------------------------------------------------------- deepspeed's own parsing
+
+
+def test_hostfile_and_filters_agree_with_deepspeeds_runner(hostfile):
+    """What the launcher checks is what deepspeed.launcher.runner will compute (issue 17 part 5)."""
+    from deepspeed.launcher import runner
+
+    hosts = hostfiles.read_hostfile(hostfile)
+    assert hosts == dict(runner.fetch_hostfile(str(hostfile)))
+    for include, exclude in (("worker-1:0,2@worker-2", None), (None, "worker-2:7"), ("worker-2", None)):
+        expected = runner.parse_inclusion_exclusion(runner.fetch_hostfile(str(hostfile)), include or "", exclude or "")
+        assert hostfiles.active_slots(hosts, include, exclude) == {h: list(s) for h, s in expected.items()}
+    assert hostfiles.active_slots(hosts, num_nodes=1, num_gpus=2) == {"worker-1": [0, 1]}
+
+
+@pytest.mark.parametrize("flags", [["--include", "worker-2"], ["--exclude", "worker-1"], ["--num-nodes", "1"]])
+def test_one_host_left_is_launched_over_ssh(hostfile, config, capsys, flags):
+    """deepspeed runs a lone host's share on the launching machine unless told --force_multi."""
+    code, out, err = call(multinode_main, ["--hostfile", "hostfile", *flags, "--dry-run", "--config", "run.yaml"],
+                          capsys)
+    assert code == 0 and "--force_multi" in out.splitlines()[-1].split()
+    assert "one host left" in err
+    code, out, _ = call(multinode_main, ["--hostfile", "hostfile", "--dry-run", "--config", "run.yaml"], capsys)
+    assert "--force_multi" not in out
+
+
+# --------------------------------------------------------------------------- rendezvous ports
+
+
+def test_slurm_jobs_get_different_ports_and_skip_busy_ones():
+    from sparse_ft.launch.slurm import PORT_RANGE, job_port
+
+    ports = {job_port(str(job)) for job in range(1000, 1100)}
+    assert len(ports) == 100 and all(PORT_RANGE[0] <= p < PORT_RANGE[1] for p in ports)
+    assert job_port("4242") == 24242 and job_port("4242_7") == job_port("42427")
+    busy = {24242, 24243}
+    assert job_port("4242", lambda p: p in busy) == 24244
+
+
+def test_slurm_checks_the_port_on_the_first_node(config, capsys, monkeypatch):
+    import socket
+
+    from sparse_ft.launch import slurm
+
+    slurm_env(monkeypatch, nodelist=socket.gethostname(), nnodes="1", job_id="1234")
+    with socket.socket() as held:  # another job's rendezvous on this node
+        held.bind(("", 21234))
+        held.listen()
+        code, out, _ = call(slurm_main, ["--dry-run", "--config", "run.yaml"], capsys)
+    assert code == 0 and "--rdzv_endpoint" in out
+    assert f"{socket.gethostname()}:21235" in out
+    assert slurm.PORT_RANGE == (20000, 30000)
+
+
+def test_torchrun_node0_refuses_a_port_in_use(config, capsys, fake_run):
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        code, _, err = call(torchrun_main, ["--nnodes", "2", "--node-rank", "0", "--master-addr", "127.0.0.1",
+                                            "--master-port", port, "--config", "run.yaml"], capsys)
+    assert code == 2 and f"rendezvous port {port} is in use on this machine" in err
+    assert fake_run == []
+    # Node rank 1 connects to node 0's port: nothing to check there.
+    with socket.socket() as held:
+        held.bind(("", port))
+        held.listen()
+        code, _, _ = call(torchrun_main, ["--nnodes", "2", "--node-rank", "1", "--master-addr", "127.0.0.1",
+                                          "--master-port", port, "--config", "run.yaml"], capsys)
+    assert code == 0 and len(fake_run) == 1
+
+
+# --------------------------------------------------------------------------- exit status
+
+
+class StatusWritingLaunch(FakeLaunch):
+    """A launch that, like a failed training job, writes exit_status.json and exits 1 (torchrun)."""
+
+    def __init__(self, path, record):
+        super().__init__()
+        self.path, self.record, self.code = path, record, 1
+
+    def __call__(self, command, env):
+        import json
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.record))
+        return super().__call__(command, env)
+
+
+@pytest.mark.parametrize("record, expected", [({"exit_code": 2, "rank": 1, "host": "n2", "error": "ConfigError: x"}, 2),
+                                              ({"exit_code": 3}, 3), ({"exit_code": 0}, 1)])
+def test_launchers_return_the_runs_exit_status(config, capsys, monkeypatch, workdir, record, expected):
+    fake = StatusWritingLaunch(workdir / "runs/default/exit_status.json", record)
+    monkeypatch.setattr(common, "_launch", fake)
+    monkeypatch.setattr(common.shutil, "which", lambda name: f"/usr/bin/{name}")
+    code, _, err = call(torchrun_main, ["--nproc-per-node", "2", "--config", "run.yaml"], capsys)
+    assert code == expected
+    if "error" in record:
+        assert "rank 1 on host n2 failed: ConfigError: x" in err
+
+
+def test_a_stale_exit_status_is_ignored(config, capsys, workdir, fake_run):
+    status = workdir / "runs/default/exit_status.json"
+    status.parent.mkdir(parents=True)
+    status.write_text('{"exit_code": 2}')
+    os.utime(status, (1, 1))  # from an earlier run
+    fake_run.code = 1
+    assert call(torchrun_main, ["--nproc-per-node", "2", "--config", "run.yaml"], capsys)[0] == 1
+
+
+# --------------------------------------------------------------------------- slurm_submit.py
+
+
+SINFO = "debug*|2|2|(null)\ngpu|4|64|gpu:a100:8(S:0-1)\ngpu|2|128|gpu:a100:4\n"
+
+
+def test_submit_dry_run_prints_every_resource_with_its_default(config, capsys, monkeypatch):
+    from sparse_ft.launch.slurm import submit_main
+
+    monkeypatch.setattr(common.shutil, "which", lambda name: None)  # no sinfo here
+    code = submit_main(["--dry-run", "--config", "run.yaml", "--launcher", "deepspeed", "train.lr=1e-2"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert out.splitlines()[-1] == (
+        "sbatch --nodes=2 --ntasks-per-node=1 --cpus-per-task=16 --gpus-per-node=8 --output=runs/default/slurm-%j.out "
+        f"{common.REPO_ROOT / 'launch/slurm_train.sbatch'} --gpus-per-node 8 --config run.yaml --launcher deepspeed "
+        "train.lr=1e-2")
+
+
+@pytest.mark.parametrize("args, problems", [
+    (dict(), []),
+    (dict(partition="gpu", nodes=6, cpus_per_task=128, gpus_per_node=8), []),
+    (dict(partition="gpu", nodes=7), ["--nodes 7 but partition gpu has 6 nodes"]),
+    (dict(partition="gpu", gpus_per_node=16), ["--gpus-per-node 16 but the nodes of gpu have 8 GPUs (sinfo GRES)"]),
+    (dict(gpus_per_node=1), ["--gpus-per-node 1 but the nodes of debug have no GPUs (sinfo GRES)"]),
+    (dict(cpus_per_task=4), ["--cpus-per-task 4 but the largest node of debug has 2 CPUs"]),
+    (dict(partition="big"), ["partition 'big' does not exist (sinfo lists: debug, gpu)"]),
+])
+def test_submit_fit_check(args, problems):
+    from sparse_ft.launch.slurm import SlurmResources, fit_problems
+
+    res = SlurmResources(**{"gpus_per_node": 0, "cpus_per_task": 1, **args})
+    assert fit_problems(res, SINFO) == problems
+
+
+def test_submit_refuses_what_cannot_fit(config, capsys, monkeypatch, fake_run):
+    from sparse_ft.launch import slurm
+
+    monkeypatch.setattr(slurm.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(slurm.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, SINFO, ""))
+    code = slurm.submit_main(["--config", "run.yaml"])
+    err = capsys.readouterr().err
+    assert code == 2 and fake_run == []
+    assert "--cpus-per-task 16 but the largest node of debug has 2 CPUs" in err and "not submitted" in err
+    code = slurm.submit_main(["--force", "--config", "run.yaml"])
+    assert code == 0 and fake_run[0][0][0] == "sbatch"

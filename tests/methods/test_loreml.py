@@ -159,10 +159,12 @@ def test_stages_carry_their_own_settings():
     ({"stage1": 3}, r"method\.stage1 = 3; allowed: a mapping"),
 ])
 def test_config_errors_name_the_field(section, match):
+    from sparse_ft.config import TrainConfig, check_method
     from sparse_ft.methods import config_from_dict
 
     with pytest.raises(ConfigError, match=match):
-        config_from_dict({"name": "loreml", **section})
+        # check_method: the run-level checks (each stage's train settings) the config runs
+        check_method(config_from_dict({"name": "loreml", **section}), TrainConfig())
 
 
 # -- through the trainer: both stages, exact resume in either stage, export -----------------------

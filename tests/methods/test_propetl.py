@@ -223,10 +223,12 @@ def test_adapter_sits_after_the_feed_forward_block():
     ({"scores_lr": 1}, r"method\.scores_lr is not a field of the propetl method \(did you mean 'score_lr'\?\)"),
 ])
 def test_config_errors_name_the_field(section, match):
+    from sparse_ft.config import TrainConfig, check_method
     from sparse_ft.methods import config_from_dict
 
     with pytest.raises(ConfigError, match=match):
-        config_from_dict({"name": "propetl", **section})
+        # check_method: the run-level checks (task names against the registry) the config runs
+        check_method(config_from_dict({"name": "propetl", **section}), TrainConfig())
 
 
 def test_yaml_strings_become_numbers_and_defaults_follow_the_kind():

@@ -4,7 +4,8 @@ through a dense weight, and the packed weight untouched."""
 import pytest
 import torch
 
-from sparse_ft.quant import bnb_status, dequantize, roundtrip
+from sparse_ft.errors import ConfigError
+from sparse_ft.quant import bnb_status, dequantize, is_repacked_for_cpu, keep_standard_4bit_layout, roundtrip
 
 pytestmark = pytest.mark.skipif(bnb_status() is not None, reason=str(bnb_status()))
 
@@ -77,15 +78,19 @@ def test_roundtrip_reproduces_the_loaded_weight(kind):
     assert not torch.equal(dequantize(layer.weight), w)  # it is a real quantization
 
 
-def test_layers_on_a_quantized_base():
-    """Random Masking's layer takes the dequantize path; LoRA's frozen part is the bnb layer itself."""
+def test_layers_on_a_quantized_base(bnb_cpu_path):
+    """Random Masking's layer takes the dequantize path; LoRA's frozen part is the bnb layer itself.
+    Both, and an untargeted bnb layer in eval mode, compute ``x deq(Wq)^T + b`` on either bitsandbytes
+    CPU path, and leave the packed weight in its standard layout."""
     from sparse_ft.methods.lora.layer import LoRALinear
     from sparse_ft.methods.random_mask.layer import SparseDeltaLinear
 
     base, _ = quantized_linear("nf4")
+    untargeted, _ = quantized_linear("nf4", seed=3)
+    model = torch.nn.Sequential(base, untargeted).eval()
+    assert keep_standard_4bit_layout(model) == (2 if bnb_cpu_path == "avx512bf16" else 0)
     x = torch.randn(4, base.in_features)
-    with torch.no_grad():
-        want = base(x)
+    want = torch.nn.functional.linear(x, dequantize(base.weight), base.bias)
     sparse = SparseDeltaLinear(base, sample(base.out_features * base.in_features, 40))
     lora = LoRALinear(base, r=4, alpha=8)
     assert sparse.quantized and lora.quantized
@@ -93,3 +98,47 @@ def test_layers_on_a_quantized_base():
     with torch.no_grad():
         torch.testing.assert_close(sparse(x), want, rtol=1e-5, atol=1e-5)  # zero values: the base layer
         torch.testing.assert_close(lora(x), want, rtol=1e-5, atol=1e-5)  # B = 0: the base layer
+        x2 = torch.randn(4, untargeted.in_features)
+        torch.testing.assert_close(untargeted(x2), torch.nn.functional.linear(x2, dequantize(untargeted.weight),
+                                                                              untargeted.bias), rtol=1e-5, atol=1e-5)
+    assert not any(is_repacked_for_cpu(m.weight) for m in model)
+
+
+# Shapes bitsandbytes' AVX512-BF16 repacking accepts (rows a multiple of 32, input width a multiple
+# of the 64-entry block) and one it refuses (the input width of the tiny test model's down_proj).
+@pytest.mark.parametrize("out_f,in_f,bnb_accepts", [(64, 128, True), (64, 96, False)])
+def test_forced_avx512bf16_path_is_what_sparse_ft_keeps_layers_off(monkeypatch, bnb_cpu_path, out_f, in_f,
+                                                                  bnb_accepts):
+    """The other tests force bitsandbytes' CPU path by patching its detection; this checks that the
+    forcing is real (an eval-mode forward of a bare bnb layer repacks it, or fails as on AVX512-BF16
+    CPUs for shapes the repacking cannot take) and that a layer sparse-ft has seen does neither.
+    bitsandbytes' native packed kernel is replaced by a recorder: it needs AVX512-BF16 to execute, and
+    what is checked here is which path bitsandbytes chooses, not its kernel's arithmetic."""
+    import bitsandbytes.functional as F
+
+    calls = []
+    monkeypatch.setattr(F, "gemv_4bit", lambda A, B, out=None, state=None, **k: calls.append(B.shape) or
+                        torch.zeros(*A.shape[:-1], state.shape[0], dtype=A.dtype))
+    bare, _ = quantized_linear("nf4", out_f, in_f)
+    guarded, _ = quantized_linear("nf4", out_f, in_f)
+    bare.eval(), guarded.eval()
+    x = torch.randn(3, in_f)
+    want = torch.nn.functional.linear(x, dequantize(guarded.weight), guarded.bias)
+    packed_path = bnb_cpu_path == "avx512bf16"
+    with torch.no_grad():
+        if packed_path and not bnb_accepts:
+            with pytest.raises(RuntimeError, match="is invalid for input of size"):
+                bare(x)
+        else:
+            bare(x)
+            assert is_repacked_for_cpu(bare.weight) == packed_path and len(calls) == int(packed_path)
+        if packed_path and bnb_accepts:
+            with pytest.raises(ConfigError, match="repacked this 4-bit weight"):
+                keep_standard_4bit_layout(torch.nn.Sequential(bare))
+        calls.clear()
+        keep_standard_4bit_layout(torch.nn.Sequential(guarded))
+        got = guarded(x)
+    assert not calls and not is_repacked_for_cpu(guarded.weight)
+    # Both sides dequantize the same bytes to the same fp32 weight and run one fp32 matmul of width
+    # in_f <= 128: they differ at most by summation order, |err| <= in_f * 2^-24 * sum|x||w| (~1e-6 here).
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -13,7 +13,9 @@ parameters kept (unstructured) or 3-9 heads of 12 removed per layer (structured)
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -23,10 +25,9 @@ from torch import nn
 
 from ...errors import ConfigError
 from ...zero import dist_info, full_numel
-from ..base import MethodConfig, Stage, count_parameters, replace_module
-from ..random_mask.layer import name_seed
+from ..base import MethodConfig, Stage, count_parameters, name_seed, replace_module
 from .layer import DSEELinear, compose_delta
-from .omega import RPCASettings, omega_for_model
+from .omega import RPCASettings, _broadcast_from_rank0, omega_for_model
 from . import prune as P
 
 logger = logging.getLogger("sparse_ft")
@@ -274,6 +275,15 @@ class DSEEConfig(MethodConfig):
         return compose_delta(A, delta[f"{name}.lora_B"], delta[f"{name}.indices"], delta[f"{name}.values"],
                              self.alpha / A.shape[0], shape, keep_rows, keep_cols, entry.get("keep_bits"))
 
+    def export_touches(self, key, delta, layers):
+        # The cases in which export_tensor below returns something other than its input.
+        name, _, leaf = key.rpartition(".")
+        entries = P.state_modules(delta)
+        entry = entries.get(name) or entries.get(f"model.{name}")
+        if leaf == "weight":
+            return f"{name}.lora_A" in delta or bool(entry)
+        return leaf == "bias" and bool(entry) and "rows" in entry
+
     def export_tensor(self, key, tensor, delta, layers):
         name, _, leaf = key.rpartition(".")
         entries = P.state_modules(delta)
@@ -295,9 +305,6 @@ class DSEEConfig(MethodConfig):
 
 
 def write_pruning_file(path: Path, state: dict[str, torch.Tensor], summary: dict) -> None:
-    import json
-    import os
-
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -316,8 +323,6 @@ def read_pruning_file(path: Path) -> dict[str, torch.Tensor]:
 
             state = load_file(str(path))
     if world > 1:
-        from .omega import _broadcast_from_rank0
-
         state = _broadcast_from_rank0(state)
     if state is None:
         raise ConfigError(f"train.resume_from: the run resumes in DSEE's recovery stage, which needs the pruning "

@@ -41,7 +41,9 @@ from torch import nn
 
 from ...errors import ConfigError
 from ...zero import dist_info, full_numel, full_shape, gathered, is_partitioned
-from .layer import DSEELinear, compose_delta, pack_bits, unpack_bits
+from ..base import count_parameters, matches
+from ..fingerprint import fingerprint
+from .layer import DSEELinear, bits_at, pack_bits, unpack_bits
 
 logger = logging.getLogger("sparse_ft")
 
@@ -169,8 +171,6 @@ def adapted_layers(model: nn.Module) -> list[tuple[str, DSEELinear]]:
 
 def other_matrices(model: nn.Module, exclude: list[str]) -> list[tuple[str, nn.Module]]:
     """Linear layers not adapted by DSEE and not excluded (``lm_head`` by default)."""
-    from ..base import matches
-
     out = []
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and not any(matches(name, e) for e in exclude):
@@ -387,8 +387,6 @@ def apply_pruning(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str,
 
     The base fingerprint is taken first, so deltas saved later still identify the unpruned base.
     """
-    from ...delta import fingerprint
-
     if getattr(model, STATE_ATTR, None) is not None:
         raise RuntimeError("this model is already pruned")
     object.__setattr__(model, BASE_FINGERPRINT_ATTR, fingerprint(model))
@@ -419,8 +417,6 @@ def apply_pruning(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str,
         m, n = full_shape(module.weight)
         pos = torch.arange(p.lo, p.lo + p.flat.numel(), device=p.flat.device)
         if "keep_bits" in entry:
-            from .layer import bits_at
-
             pruned = ~bits_at(entry["keep_bits"].to(p.flat.device), pos)
         elif "ties" in entry:
             b = _bits(p.flat.to(threshold.dtype).abs())
@@ -475,8 +471,6 @@ def summarize(model: nn.Module, counts: dict[str, tuple[int, int]], seq_len: int
     (causal: a token attends to half the sequence on average). Embedding lookups, norms and
     activations are not counted. The adapters are merged into ``W`` at export: no extra cost.
     """
-    from ..base import count_parameters
-
     linear = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) or isinstance(m, DSEELinear)]
     dense_linear = sum(2 * int(full_shape(m.weight).numel()) for _, m in linear)
     pruned_total = sum(c for c, _ in counts.values())

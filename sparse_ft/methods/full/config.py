@@ -6,6 +6,7 @@ from typing import ClassVar
 
 from torch import nn
 
+from ...errors import ConfigError
 from ..base import MethodConfig
 
 
@@ -30,9 +31,10 @@ class FullFinetuneConfig(MethodConfig):
                 return delta[name].float()
         return tensor
 
-    def check_quantized(self, quantization: str) -> None:
-        from ...errors import ConfigError
+    def export_touches(self, key, delta, layers):
+        return key in delta or f"model.{key}" in delta
 
+    def check_quantized(self, quantization: str) -> None:
         raise ConfigError(f"method.name = full with model.quantization = {quantization}: full fine-tuning updates the "
                           "base weights, which a quantized base stores as frozen packed integers; use "
                           "model.quantization=none for full fine-tuning (train.optimizer=adamw8bit still shrinks "

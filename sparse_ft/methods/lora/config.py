@@ -4,10 +4,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from torch import nn
 
 from ...errors import ConfigError
-from ..base import MethodConfig, replace_module
+from ..base import MethodConfig, name_seed, replace_module
 from .layer import LoRALinear
 
 
@@ -39,10 +40,6 @@ class LoRAConfig(MethodConfig):
         return (b @ a) * (self.alpha / self.r)
 
     def apply_to(self, model: nn.Module, targets: list[tuple[str, nn.Linear]], delta=None) -> None:
-        import torch
-
-        from ..random_mask.layer import name_seed
-
         for name, linear in targets:
             # Seed per module name so the init does not depend on construction order or rank.
             with torch.random.fork_rng(devices=[]):

@@ -16,21 +16,22 @@ warm-up ratio 0.06, linear schedule; LLaMA-7B r 16, alpha = r, stage-2 alpha 8 (
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from ...errors import ConfigError
 from ...zero import full_numel, gathered
-from ..base import MethodConfig, Stage, count_parameters, replace_module
+from ..base import MethodConfig, Stage, count_parameters, name_seed, replace_module
+from ..fingerprint import check_fingerprint, fingerprint
 from ..lora.layer import LoRALinear
 from ..random_mask.layer import SparseDeltaLinear
 from .layer import FoldedSparseDeltaLinear, fold_into_weight, low_rank, mask_indices
@@ -39,9 +40,6 @@ logger = logging.getLogger("sparse_ft")
 
 STAGE1_FILE = "loreml_stage1.safetensors"
 STAGE1_FORMAT = "sparse-ft-loreml-stage1/1"
-# Settings that belong to the whole run, not to one stage.
-RUN_WIDE = ("output_dir", "checkpoint_dir", "resume_from", "overwrite_output_dir", "save_delta", "precision",
-            "keep_last", "eval_before")
 
 
 @dataclass
@@ -94,8 +92,16 @@ class LoReMLConfig(MethodConfig):
         self.check_range("alpha", self.alpha, 0.0, float("inf"), high_open=True)
         self.check_range("alpha2", self.alpha2, 0.0, float("inf"), low_open=False, high_open=True)
         self.check_range("rho", self.rho, 0.0, 1.0)
-        self.stage1 = _stage_overrides("stage1", self.stage1)
-        self.stage2 = _stage_overrides("stage2", self.stage2)
+        # Only the shape here: the keys and values are checked against the train section by
+        # train.override() when stages() derives each stage's settings (the config does so before
+        # any model loads).
+        for which in ("stage1", "stage2"):
+            values = getattr(self, which)
+            if values is None:
+                setattr(self, which, {})
+            elif not isinstance(values, dict):
+                raise ConfigError(f"method.{which} = {values!r}; allowed: a mapping of train keys, e.g. "
+                                  "{lr: 1e-4, epochs: 5}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"method.seed must be an integer, got {self.seed!r}")
 
@@ -114,8 +120,6 @@ class LoReMLConfig(MethodConfig):
                                   f"{STAGE1_FILE} written by an earlier LoReML run")
             self.to_stage2(model, self.read_stage1(path, model), targets)
             return
-        from ..random_mask.layer import name_seed
-
         for name, linear in targets:
             # V (lora_A) kaiming, U (lora_B) zero, seeded per module name (any rank, any order).
             with torch.random.fork_rng(devices=[]):
@@ -139,8 +143,8 @@ class LoReMLConfig(MethodConfig):
 
     # -- the stage boundary ----------------------------------------------------------------------
     def stages(self, train) -> list[Stage]:
-        s1 = dataclasses.replace(train, **self.stage1)
-        s2 = dataclasses.replace(train, **self.stage2)
+        s1 = train.override(self.stage1, "method.stage1")
+        s2 = train.override(self.stage2, "method.stage2")
         if self.stage1_result is not None:
             return [Stage("stage2", s2)]
         return [Stage("stage1", s1), Stage("stage2", s2, before=self._enter_stage2)]
@@ -173,10 +177,6 @@ class LoReMLConfig(MethodConfig):
 
     def write_stage1(self, path: Path, result: dict[str, tuple], model: nn.Module, write: bool) -> None:
         """Save U, V and the mask of every matrix, with the base fingerprint (rank 0 writes)."""
-        from safetensors.torch import save_file
-
-        from ...delta import fingerprint
-
         fp = fingerprint(model, list(result))
         if write:
             tensors = {}
@@ -192,10 +192,6 @@ class LoReMLConfig(MethodConfig):
             torch.distributed.barrier()
 
     def read_stage1(self, path: Path, model: nn.Module) -> dict[str, tuple]:
-        from safetensors import safe_open
-
-        from ...delta import check_fingerprint
-
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             if meta.get("format") != STAGE1_FORMAT:
@@ -243,23 +239,3 @@ class LoReMLConfig(MethodConfig):
             return dense
         # stage 1 (a checkpoint taken before the stage boundary): the low-rank update itself
         return (self.alpha / self.r) * low_rank(delta[f"{name}.lora_B"], delta[f"{name}.lora_A"])
-
-
-def _stage_overrides(which: str, values) -> dict:
-    """Check a ``stage1``/``stage2`` mapping against the train section's keys and coerce its values."""
-    from ...config import TrainConfig, _coerce
-
-    if values is None:
-        return {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"method.{which} = {values!r}; allowed: a mapping of train keys, e.g. {{lr: 1e-4, epochs: 5}}")
-    allowed = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in RUN_WIDE]
-    hints = typing.get_type_hints(TrainConfig)
-    out = {}
-    for key, value in values.items():
-        if key in RUN_WIDE:
-            raise ConfigError(f"method.{which}.{key}: train.{key} is set for the whole run, not per stage")
-        if key not in allowed:
-            raise ConfigError(f"method.{which}.{key} is not a train key; allowed: {', '.join(allowed)}")
-        out[key] = _coerce(f"method.{which}", key, value, hints[key])
-    return out

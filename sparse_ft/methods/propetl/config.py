@@ -17,14 +17,18 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
+from ...delta_file import read_delta
 from ...errors import ConfigError
 from ...zero import full_numel, full_shape
-from ..base import MethodConfig, Stage, count_parameters, matches, replace_module
+from ..base import (ALL_LINEAR, REGEX_PREFIX, MethodConfig, Stage, count_parameters, matches, name_seed,
+                    replace_module)
 from .layer import (ACTIVATIONS, SHARED_ATTR, AdapterPrototype, LoRAPrototype, ProPETLAdapterLinear,
                     ProPETLLoRALinear, ProPETLShared, ScoreSet, _ProPETLLayer, hybrid_mask, keep_count,
                     pack_bits, unpack_bits)
@@ -47,7 +51,7 @@ class ProPETLConfig(MethodConfig):
 
     prototype: str = "lora"
     """``lora`` (LoRA on the targets, mergeable into the base weights) or ``adapter`` (a Pfeiffer
-    adapter after the feed-forward block; not mergeable, see the README)."""
+    adapter after the feed-forward block; not mergeable, see docs/methods/propetl.md)."""
 
     r: int = 32
     """``lora``: rank of the prototype (paper 003: 32)."""
@@ -100,12 +104,11 @@ class ProPETLConfig(MethodConfig):
         if isinstance(self.tasks, str):
             self.tasks = [self.tasks]
         self.tasks = list(self.tasks or [])
+        # The names are checked against the task registry by the run's config (a layer above), which
+        # asks every method for task_names().
+        if not all(isinstance(t, str) and t for t in self.tasks):
+            raise ConfigError(f"method.tasks = {self.tasks!r}; allowed: a list of task names")
         if self.tasks:
-            from ...tasks import TASKS
-
-            unknown = [t for t in self.tasks if t not in TASKS]
-            if unknown:
-                raise ConfigError(f"method.tasks: {unknown} are not tasks; allowed: {', '.join(sorted(TASKS))}")
             if len(set(self.tasks)) != len(self.tasks):
                 raise ConfigError(f"method.tasks = {self.tasks} names a task twice")
         if self.keep_ratio is None:
@@ -142,7 +145,9 @@ class ProPETLConfig(MethodConfig):
             return "adapter"
         for t in self.target_modules:
             if matches(name, t):
-                return t.replace(".", "_")
+                # all-linear and re: entries span layers of several kinds: one prototype per kind.
+                spans_kinds = t == ALL_LINEAR or t.startswith(REGEX_PREFIX)
+                return name.rsplit(".", 1)[-1] if spans_kinds else t.replace(".", "_")
         raise ConfigError(f"module {name} matches none of method.target_modules {self.target_modules}")
 
     def _groups(self, targets) -> dict[str, list[tuple[str, nn.Linear]]]:
@@ -158,8 +163,6 @@ class ProPETLConfig(MethodConfig):
         return groups
 
     def _prototype(self, group: str, out_features: int, in_features: int) -> nn.Module:
-        from ..random_mask.layer import name_seed
-
         # Seeded per group name so every rank and restart builds the same prototype.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(name_seed(self.seed, f"propetl-prototype:{group}"))
@@ -169,8 +172,6 @@ class ProPETLConfig(MethodConfig):
 
     def _scores(self, prototype: nn.Module, keep: float, seed_name: str, owner: str,
                 packed: dict[str, torch.Tensor] | None) -> ScoreSet:
-        from ..random_mask.layer import name_seed
-
         for tensor in prototype.masked:
             numel = getattr(prototype, tensor).numel()
             if keep_count(numel, keep) < 1:
@@ -229,6 +230,9 @@ class ProPETLConfig(MethodConfig):
         if int(zero.get("stage3_param_persistence_threshold", 0)) < largest:
             zero["stage3_param_persistence_threshold"] = largest
         return ds
+
+    def task_names(self) -> list[str]:
+        return list(self.tasks)
 
     def stages(self, train) -> list[Stage]:
         def record_storage(trainer, restoring: bool) -> None:
@@ -340,12 +344,6 @@ def task_delta(src, dst, task: str):
     """Write the single-task delta of ``task`` from a multi-task ProPETL delta file: the prototype
     plus each layer's hybrid mask (layer OR task) as its layer mask. Loads and exports like any
     single-task ProPETL delta. Returns ``dst``."""
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-
-    from ...delta import read_delta
-
     tensors, meta = read_delta(src)
     method = dict(meta["method"])
     if method.get("name") != ProPETLConfig.method or not method.get("tasks"):

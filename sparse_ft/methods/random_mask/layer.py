@@ -7,25 +7,16 @@ int32 unless m*n needs int64). The forward is ``F.linear(x, W + scatter(values))
 """
 from __future__ import annotations
 
-import hashlib
-
 import torch
 from torch import nn
 
 from ...ops import quantized_sparse_delta_linear, sparse_delta_linear
 from ...zero import full_shape
-from ..base import DeltaLinear
+from ..base import DeltaLinear, name_seed  # noqa: F401  (name_seed: also importable from here)
 
 
 def index_dtype(numel: int) -> torch.dtype:
     return torch.int32 if numel < 2**31 else torch.int64
-
-
-def name_seed(seed: int, name: str) -> int:
-    """A 63-bit seed from (seed, module name): stable across processes, restarts and Python runs
-    (Python's own ``hash`` of a string is salted per process)."""
-    digest = hashlib.sha256(f"{int(seed)}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def sample_indices(numel: int, k: int, seed: int, name: str) -> torch.Tensor:

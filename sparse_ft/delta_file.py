@@ -1,0 +1,33 @@
+"""The compact delta's file format, at the bottom of the package: a safetensors file whose metadata
+says ``format: sparse-ft-delta/1`` and holds JSON fields. Reading it needs no model and no method
+(:mod:`sparse_ft.delta` builds and applies deltas on models; methods such as ProPETL rewrite files).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .errors import ConfigError
+
+FORMAT = "sparse-ft-delta/1"
+
+
+def read_delta(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, metadata with JSON fields decoded) of a delta file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"delta file {path} does not exist")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != FORMAT:
+            raise ConfigError(f"{path} is not a sparse-ft delta (format {meta.get('format')!r}, expected {FORMAT!r})")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    decoded = dict(meta)
+    for key in ("method", "base_fingerprint"):
+        decoded[key] = json.loads(meta[key])
+    decoded["quantization"] = json.loads(meta["quantization"]) if "quantization" in meta else None
+    return tensors, decoded
