@@ -379,7 +379,8 @@ def export_hf(source: str | os.PathLike, out_dir: str | os.PathLike, *, base_mod
                                                  "the delta's directory": delta_path.parent})
     tmp_dir = make_staging(out_dir)
     try:
-        _export_into(tmp_dir, out_dir, delta_path, tensors, meta, config, base, base_dir, dtype, max_shard_size, limit)
+        _export_into(tmp_dir, out_dir, delta_path, tensors, meta, config, base, base_dir, dtype, max_shard_size, limit,
+                     command)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)  # only the staging directory this export created
         raise
@@ -433,7 +434,7 @@ def make_staging(out_dir: Path) -> Path:
 
 
 def _export_into(tmp_dir, out_dir, delta_path, tensors, meta, config, base, base_dir, dtype, max_shard_size,
-                 limit) -> None:
+                 limit, command=None) -> None:
     """Write the export into ``tmp_dir`` (its own staging directory), then rename it to ``out_dir``."""
     files = base_weight_files(base_dir)
     layers = config.delta_layer_names(tensors)

@@ -251,6 +251,10 @@ def check_labels(task: Task, rows: Rows) -> None:
         if "label" in row and (isinstance(row["label"], bool) or not isinstance(row["label"], int) or row["label"] < 0):
             raise ConfigError(f"{rows.where(i)}: label {row['label']!r}; allowed for task {task.name!r}: "
                               "an integer >= 0 indexing its options")
+        options = getattr(task, "verbalizer", None)
+        if "label" in row and options and row["label"] >= len(options):  # before the template indexes with it
+            raise ConfigError(f"{rows.where(i)}: label {row['label']!r}; allowed for task {task.name!r}: "
+                              f"0..{len(options) - 1} for its {len(options)} options")
         try:
             examples = task.examples(row)
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
