@@ -144,6 +144,14 @@ class JobWatch:
             pass
         return "?"
 
+    def attach(self, output_dir: str | os.PathLike) -> None:
+        """From here on outcomes go to ``output_dir/exit_status.json``. The trainer calls it once
+        this process holds the run directory's lock and the directory is not a finished run: a
+        second run refused there must not replace (or delete) the status of the run that owns it."""
+        self.output_dir = str(output_dir)
+        if self.local_rank == 0:
+            Path(self.output_dir, EXIT_STATUS_FILE).unlink(missing_ok=True)
+
     # -- outcomes --------------------------------------------------------------------------------
     def succeeded(self) -> None:
         if self.local_rank == 0 and self.output_dir is not None:

@@ -161,13 +161,15 @@ def read_run_config(output_dir: Path) -> dict | None:
     return tree if isinstance(tree, dict) else None
 
 
-def check_resume_config(saved: dict | None, current: dict, checkpoint: Path) -> None:
-    """Resuming ``checkpoint`` (made with ``saved``) with ``current``: only RESUME_MAY_CHANGE may differ."""
+def check_resume_config(saved: dict | None, current: dict, checkpoint: Path, diverged: bool = False) -> None:
+    """Resuming ``checkpoint`` (made with ``saved``) with ``current``: only RESUME_MAY_CHANGE may differ,
+    and ``train.lr`` too after a divergence (the guard's advice is to resume with a lower rate)."""
+    may_change = RESUME_MAY_CHANGE | {"train.lr"} if diverged else RESUME_MAY_CHANGE
     if saved is None:
         logger.warning("%s records no config (written by an older sparse-ft): cannot check that this config made it",
                        checkpoint)
         return
-    keys = config_diff(saved, current, RESUME_MAY_CHANGE)
+    keys = config_diff(saved, current, may_change)
     if keys:
         raise ConfigError(f"train.resume_from: checkpoint {checkpoint} was made with another config ("
                           f"{describe_diff(saved, current, keys)}); only the step budget, eval/save/log cadence and "

@@ -145,7 +145,8 @@ class Trainer:
     def __init__(self, run: RunConfig):
         self.run_config = run
         self.rank, self.world, self.local_rank = runtime.init_distributed(run.train.dist_timeout_s)
-        WATCH.start(run.train.output_dir, run.train.startup_timeout_s)
+        # No run directory yet: it is this run's only once locked (see _setup).
+        WATCH.start(None, run.train.startup_timeout_s)
         if self.rank != 0:
             logger.setLevel(logging.WARNING)
         # Every rank checks the output directory before any rank writes to it.
@@ -184,6 +185,7 @@ class Trainer:
                                  if run.train.resume_from and not run.train.overwrite_output_dir else None)
         if self.finished_results is not None:
             return
+        WATCH.attach(run.train.output_dir)
         check_targets(run)
         self.precision = runtime.resolve_precision(run.train.precision)
         if run.train.precision == "auto":
@@ -544,7 +546,8 @@ class Trainer:
         resume_state = read_state(resume_path) if resume_path else None
         if resume_state is not None:
             saved = resume_state.get("run_config") or read_run_config(self.output_dir)
-            check_resume_config(saved, run.to_dict(), resume_path)
+            check_resume_config(saved, run.to_dict(), resume_path,
+                                diverged=(self.output_dir / DIVERGED_FILE).is_file())
             self.last_loss = resume_state.get("last_loss", float("nan"))
         elif run.train.overwrite_output_dir:
             self._clear_old_run()
