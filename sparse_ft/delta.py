@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from ._version import __version__
 from .api import apply, delta_layers, method_config
-from .delta_file import FORMAT, read_delta
+from .delta_file import FORMAT, read_delta, tensor_sha256
 from .errors import ConfigError
 from .methods import config_from_dict
 # The fingerprint lives with the methods (they check it too); its names stay importable from here.
@@ -100,14 +100,6 @@ def save_delta(model: nn.Module, path: str | os.PathLike, base_model: str | None
             tmp.unlink(missing_ok=True)  # a full disk leaves no half-written temp file
             raise
     return path
-
-
-def tensor_sha256(tensor: torch.Tensor) -> str:
-    """sha256 of a tensor's bytes as stored (dtype and shape are checked by safetensors itself)."""
-    import hashlib
-
-    flat = tensor.detach().cpu().contiguous().reshape(-1)
-    return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"").hexdigest()
 
 
 def verify_delta_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:

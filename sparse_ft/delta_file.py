@@ -4,6 +4,7 @@ says ``format: sparse-ft-delta/1`` and holds JSON fields. Reading it needs no mo
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -31,3 +32,10 @@ def read_delta(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
         decoded[key] = json.loads(meta[key])
     decoded["quantization"] = json.loads(meta["quantization"]) if "quantization" in meta else None
     return tensors, decoded
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's bytes as stored (dtype and shape are checked by safetensors itself); the
+    delta's metadata ``tensor_sha256`` maps each tensor's name to it."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"").hexdigest()

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ...delta_file import read_delta
+from ...delta_file import read_delta, tensor_sha256
 from ...errors import ConfigError
 from ...zero import full_numel, full_shape
 from ..base import (ALL_LINEAR, REGEX_PREFIX, MethodConfig, Stage, count_parameters, matches, name_seed,
@@ -369,5 +369,7 @@ def task_delta(src, dst, task: str):
     if meta.get("quantization") is not None:
         meta_out["quantization"] = json.dumps(meta["quantization"])
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    if "tensor_sha256" in meta:  # the checksums of the tensors this file keeps
+        meta_out["tensor_sha256"] = json.dumps({k: tensor_sha256(v) for k, v in out.items()})
     save_file({k: v.contiguous() for k, v in out.items()}, str(dst), metadata=meta_out)
     return dst
