@@ -50,3 +50,11 @@ def no_temp_files(out: Path) -> list[str]:
 def copy_run(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+def unfinished_copy(reference, tmp_path: Path) -> Path:
+    """The reference run as a kill during its final writes leaves it (no results.json, no delta)."""
+    out = shutil.copytree(reference["out"], tmp_path / "run")
+    (out / "results.json").unlink()
+    (out / "delta.safetensors").unlink()
+    return out

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fault_common import assert_same, outcome, run_tree
+from fault_common import assert_same, outcome, run_tree, unfinished_copy
 from helpers import write_yaml
 from sparse_ft.config import load_config
 from sparse_ft.delta import FORMAT, read_delta, tensor_sha256
@@ -67,16 +67,9 @@ def test_verify_names_the_damaged_file(reference, tmp_path, kind):
     assert err.value.path.name.endswith(NAMED[kind]) and str(damaged) in str(err.value)
 
 
-def _unfinished_copy(reference, tmp_path):
-    """The reference run as a kill during its final writes leaves it (no results.json, no delta)."""
-    out = shutil.copytree(reference["out"], tmp_path / "run")
-    (out / "results.json").unlink()
-    (out / "delta.safetensors").unlink()
-    return out
-
 
 def test_resume_falls_back_to_newest_intact(assets, reference, tmp_path, caplog):
-    out = _unfinished_copy(reference, tmp_path)
+    out = unfinished_copy(reference, tmp_path)
     root = out / "checkpoints"
     assert ckpt.list_checkpoints(root) == ["step-000006", "step-000008"]
     bad = largest(root / "step-000008", ".pt")
@@ -93,7 +86,7 @@ def test_resume_falls_back_to_newest_intact(assets, reference, tmp_path, caplog)
 def test_no_intact_checkpoint_is_one_line_exit_1(assets, reference, tmp_path, capsys):
     from sparse_ft.cli import main
 
-    out = _unfinished_copy(reference, tmp_path)
+    out = unfinished_copy(reference, tmp_path)
     for tag in ckpt.list_checkpoints(out / "checkpoints"):
         truncate(out / "checkpoints" / tag / "trainer_state.json")
     cfg = write_yaml(tmp_path / "run.yaml", run_tree(assets, out))
@@ -103,7 +96,7 @@ def test_no_intact_checkpoint_is_one_line_exit_1(assets, reference, tmp_path, ca
 
 
 def test_explicit_resume_from_corrupt_checkpoint_names_it(assets, reference, tmp_path):
-    out = _unfinished_copy(reference, tmp_path)
+    out = unfinished_copy(reference, tmp_path)
     target = out / "checkpoints" / "step-000006"
     truncate(target / "rng_rank0.pt")
     cfg = write_yaml(tmp_path / "run.yaml", run_tree(assets, out))

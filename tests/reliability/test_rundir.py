@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from fault_common import assert_same, config, outcome, run_tree
+from fault_common import assert_same, config, outcome, run_tree, unfinished_copy
 from helpers import write_yaml
 from sparse_ft.cli import main
 from sparse_ft.config import load_config
@@ -100,15 +100,9 @@ def test_two_real_runs_in_one_dir(assets, reference, tmp_path, capsys):
     assert_same(outcome(out), reference["outcome"])
 
 
-def _unfinished_copy(reference, tmp_path):
-    out = shutil.copytree(reference["out"], tmp_path / "run")
-    (out / "results.json").unlink()
-    (out / "delta.safetensors").unlink()
-    return out
-
 
 def test_resume_with_another_config_lists_the_keys(assets, reference, tmp_path, no_model_load):
-    out = _unfinished_copy(reference, tmp_path)
+    out = unfinished_copy(reference, tmp_path)
     cfg = write_yaml(tmp_path / "run.yaml", run_tree(assets, out))
     with pytest.raises(ConfigError, match=r"checkpoint .*step-000008 was made with another config \(method.density: "
                                           r"0.05 -> 0.1; train.lr: 0.05 -> 0.001\)"):
