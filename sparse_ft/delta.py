@@ -18,11 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from safetensors.torch import save_file
-
 from ._version import __version__
 from .api import apply, delta_layers, method_config
-from .delta_file import FORMAT, read_delta, tensor_sha256
+from .delta_file import FORMAT, read_delta, save_safetensors, tensor_sha256
 from .errors import ConfigError
 from .methods import config_from_dict
 # The fingerprint lives with the methods (they check it too); its names stay importable from here.
@@ -94,7 +92,7 @@ def save_delta(model: nn.Module, path: str | os.PathLike, base_model: str | None
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         try:
-            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
+            save_safetensors(state, tmp, meta)
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)  # a full disk leaves no half-written temp file

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 from pathlib import Path
 
 import torch
@@ -39,3 +40,23 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
     delta's metadata ``tensor_sha256`` maps each tensor's name to it."""
     flat = tensor.detach().cpu().contiguous().reshape(-1)
     return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"").hexdigest()
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """``safetensors.torch.save_file`` with a reproducible header: the same tensors and metadata give the
+    same bytes in every process. safetensors writes its ``__metadata__`` map in hash order, which
+    differs per process, so the same delta written on two nodes (node-local checkpoints) or by two runs
+    had different sha256s. The header is rewritten in place with sorted metadata keys; its length and
+    every data offset stay as they are. Not atomic: callers write to a temporary name and rename."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    with open(path, "r+b") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+        if "__metadata__" in header:
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        canonical = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(canonical) <= size:  # always, as the same content; padded as safetensors pads (spaces)
+            f.seek(8)
+            f.write(canonical + b" " * (size - len(canonical)))

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from .delta import read_delta
+from .delta_file import save_safetensors
 from .errors import ConfigError
 from .export import find_delta
 
@@ -192,8 +193,6 @@ def export_peft(source: str | os.PathLike, out_dir: str | os.PathLike, *, base_m
     """Write the delta found at ``source`` as a PEFT adapter directory (see the module doc).
 
     Written under a temporary name beside ``out_dir`` and renamed into place at the end."""
-    from safetensors.torch import save_file
-
     peft = _require_peft()
     delta_path = find_delta(source)
     tensors, meta = read_delta(delta_path)
@@ -214,8 +213,8 @@ def export_peft(source: str | os.PathLike, out_dir: str | os.PathLike, *, base_m
     tmp_dir = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in adapter.items()}, str(tmp_dir / "adapter_model.safetensors"),
-              metadata={"format": "pt", "sparse_ft_method": json.dumps(method)})
+    save_safetensors(adapter, tmp_dir / "adapter_model.safetensors",
+                     {"format": "pt", "sparse_ft_method": json.dumps(method)})
     config.save_pretrained(str(tmp_dir))
     provenance = {"exported_by": f"sparse-ft {meta.get('sparse_ft_version')}", "delta": str(delta_path),
                   "base_model": str(base), "method": method, "format": "peft", "peft_type": peft_type,

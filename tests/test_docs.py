@@ -113,7 +113,7 @@ EXERCISED = {
     "python launch/slurm_submit.py": "tests/launch (fit check, --dry-run); tests/cluster (sbatch on a local SLURM)",
     "SLURM_JOB_NODELIST=": "tests/launch (the SLURM launcher's dry run)",
     "for h in $(awk": "tests/cluster: the rsync merge of node-local checkpoints, then a one-node resume",
-    "sudo scripts/local_cluster.sh": "tests/cluster's fixture runs the local cluster (-m cluster, as root; not yet in .ci/run)",
+    "sudo scripts/local_cluster.sh": "tests/cluster's fixture runs the local cluster (-m cluster, as root; .ci/run runs it)",
     'eval "$(scripts/local_cluster.sh env)"': "tests/cluster's fixture",
     "python scripts/demo.py": "tests/test_readme.py runs the demo (slow)",
     "python scripts/demo.py --prepare": "tests/test_quickstart.py runs the README's offline commands as written",

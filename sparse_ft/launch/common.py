@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ import yaml
 from ..config import SECTIONS, _section, output_dir_of, parse_overrides, set_dotted
 from ..errors import ConfigError
 from ..methods import config_from_dict
-from ..training.jobstatus import EXIT_STATUS_FILE, failure_message, read_exit_status
+from ..training.jobstatus import EXIT_STATUS_FILE, LAUNCH_STATUS_ENV, failure_message, read_exit_status
 
 DEFAULT_MASTER_PORT = 29500
 """torch.distributed's and the deepspeed launcher's default rendezvous port."""
@@ -215,17 +216,27 @@ def run_plan(plan: LaunchPlan, dry_run: bool) -> int:
         print(f"wrote {path}", file=sys.stderr)
     print(plan.shell_line(), file=sys.stderr, flush=True)
     started = time.time()
-    code = _launch(plan.command, {**os.environ, **plan.env})
-    code = 128 - code if code < 0 else code
-    if code != 0 and plan.status_file is not None:
-        record = read_exit_status(plan.status_file, newer_than=started - 1)
-        if record is not None and record["exit_code"] != 0:
-            if "error" in record:
-                print(f"{plan.command[0]}: {failure_message(record)}", file=sys.stderr)
-            print(f"exit code {record['exit_code']} from {plan.status_file} (the launcher reported {code})",
-                  file=sys.stderr)
-            return record["exit_code"]
-    return code
+    # This launch's own status file: written by local rank 0 of the nodes this launch's environment
+    # reaches (torchrun, srun), even by ranks that ended before taking the run directory.
+    fd, own_status = tempfile.mkstemp(prefix="sparse-ft-launch-status-", suffix=".json")
+    os.close(fd)
+    os.unlink(own_status)
+    try:
+        code = _launch(plan.command, {**os.environ, **plan.env, LAUNCH_STATUS_ENV: own_status})
+        code = 128 - code if code < 0 else code
+        if code == 0 or plan.status_file is None:
+            return code
+        for source in (Path(own_status), plan.status_file):
+            record = read_exit_status(source, newer_than=started - 1)
+            if record is not None and record["exit_code"] != 0:
+                if "error" in record:
+                    print(f"{plan.command[0]}: {failure_message(record)}", file=sys.stderr)
+                shown = plan.status_file if source == plan.status_file else "the job's status"
+                print(f"exit code {record['exit_code']} from {shown} (the launcher reported {code})", file=sys.stderr)
+                return record["exit_code"]
+        return code
+    finally:
+        Path(own_status).unlink(missing_ok=True)
 
 
 def _launch(command: list[str], env: dict[str, str]) -> int:

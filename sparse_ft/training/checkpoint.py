@@ -15,7 +15,10 @@ finished, then ``latest`` is replaced; a process killed midway leaves the previo
 node (``"checkpoint": {"use_node_local_storage": true}`` in the DeepSpeed JSON).
 
 Every checkpoint ends with ``manifest.json`` (size and sha256 of each file), written last, before
-the rename. :func:`verify` checks it; resuming from ``latest`` takes the newest checkpoint that
+the rename. With node-local storage each node lists its own files in ``manifest.rank<r>.json`` (r:
+the global rank of the node's local rank 0), so the files every node holds are byte-identical
+(safetensors headers are written in a fixed order) and the docs' rsync merge keeps every node's
+manifest. :func:`verify` checks it; resuming from ``latest`` takes the newest checkpoint that
 verifies, says which ones it skipped, and moves those aside into ``.corrupt/``.
 """
 from __future__ import annotations
@@ -43,6 +46,7 @@ PARTIAL = ".partial"
 LATEST = "latest"
 _SHARD_RANK = re.compile(r"zero_pp_rank_(\d+)_")
 MANIFEST = "manifest.json"
+_NODE_MANIFEST = re.compile(r"manifest\.rank\d+\.json")
 CORRUPT = ".corrupt"
 
 
@@ -62,30 +66,53 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(directory: Path) -> None:
-    """``manifest.json``: size and sha256 of every file under ``directory`` (written last)."""
+def node_manifest_name(rank: int) -> str:
+    """The manifest of the node whose local rank 0 has global rank ``rank`` (node-local storage)."""
+    return f"manifest.rank{rank}.json"
+
+
+def _is_manifest(path: Path) -> bool:
+    return path.name == MANIFEST or _NODE_MANIFEST.fullmatch(path.name) is not None
+
+
+def manifests(directory: Path) -> list[Path]:
+    """The manifests in a checkpoint directory: ``manifest.json``, or one per node (merged copies of
+    node-local checkpoints hold several)."""
+    return sorted(p for p in Path(directory).iterdir() if p.is_file() and _is_manifest(p))
+
+
+def write_manifest(directory: Path, name: str = MANIFEST) -> None:
+    """``name``: size and sha256 of every file under ``directory`` but manifests (written last)."""
     files = {}
-    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and not _is_manifest(p)):
         rel = path.relative_to(directory).as_posix()
         files[rel] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
-    _write_atomic(directory / MANIFEST, json.dumps({"format": "sparse-ft-checkpoint-manifest/1", "files": files},
+    _write_atomic(directory / name, json.dumps({"format": "sparse-ft-checkpoint-manifest/1", "files": files},
                                                    indent=1))
 
 
 def verify(directory: Path) -> bool:
-    """Check ``directory`` against its manifest; raise :class:`CorruptCheckpoint` naming the first bad
+    """Check ``directory`` against its manifests; raise :class:`CorruptCheckpoint` naming the first bad
     file. Returns False (nothing to check against) for a checkpoint written before manifests."""
     directory = Path(directory)
-    manifest = directory / MANIFEST
-    if not manifest.is_file():
+    found = manifests(directory) if directory.is_dir() else []
+    if not found:
         state = directory / "trainer_state.json"
         try:
             recorded = json.loads(state.read_text()).get("manifest")
         except (OSError, ValueError, AttributeError) as e:
             raise CorruptCheckpoint(state, f"unreadable ({e})") from None
-        if recorded:  # written by a version that writes manifests: its manifest is gone
-            raise CorruptCheckpoint(manifest, "missing")
+        if recorded == MANIFEST:  # written by a version that writes manifests: its manifest is gone
+            raise CorruptCheckpoint(directory / MANIFEST, "missing")
+        if recorded:
+            raise CorruptCheckpoint(directory, f"no manifest (expected {recorded})")
         return False
+    for manifest in found:
+        _verify_against(directory, manifest)
+    return True
+
+
+def _verify_against(directory: Path, manifest: Path) -> None:
     try:
         files = json.loads(manifest.read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -99,7 +126,6 @@ def verify(directory: Path) -> bool:
             raise CorruptCheckpoint(path, f"{size} bytes, the manifest says {want['size']} (truncated or replaced)")
         if file_sha256(path) != want["sha256"]:
             raise CorruptCheckpoint(path, "content differs from its sha256 in the manifest (corrupted)")
-    return True
 
 
 def newest_intact(root: Path, quarantine: bool = False) -> tuple[Path | None, list[str]]:
@@ -247,6 +273,9 @@ class CheckpointManager:
         self.rank = rank
         # The process that renames and prunes: one per filesystem.
         self.is_writer = (local_rank == 0) if node_local else (rank == 0)
+        # One manifest per filesystem: per node (named by its writer's rank) when node-local.
+        self.manifest_name = node_manifest_name(rank) if node_local else MANIFEST
+        self.recorded_manifest = "manifest.rank<r>.json (one per node)" if node_local else MANIFEST
 
     def save(self, engine, stage: int, step: int, trainer_state: dict, base_model: str | None,
              delta_metadata: dict | None = None) -> Path:
@@ -269,10 +298,10 @@ class CheckpointManager:
                        write=self.is_writer, extra_metadata=delta_metadata)
             if self.is_writer:
                 _write_atomic(partial_root / tag / "trainer_state.json",
-                              json.dumps({**trainer_state, "manifest": MANIFEST}, indent=1))
+                              json.dumps({**trainer_state, "manifest": self.recorded_manifest}, indent=1))
             torch.distributed.barrier()
             if self.is_writer:
-                write_manifest(partial_root / tag)  # last: every rank's files are complete
+                write_manifest(partial_root / tag, self.manifest_name)  # last: every rank's files are complete
                 self._commit(tag)
         except OSError as e:
             if self.is_writer:

@@ -15,7 +15,10 @@ and torchrun and SLURM turn every exit code into 1. Here:
   every rank (a rank killed outright, with no Python error to report, is named there);
 - local rank 0 of every node writes :data:`EXIT_STATUS_FILE` in the run directory: exit code 0 at
   the end, 2 (bad input), 3 (diverged) or 1 (any other error) with the failing rank's record.
-  The launchers in ``sparse_ft.launch`` return the code from that file.
+  The launchers in ``sparse_ft.launch`` return the code from that file. Until a run holds its run
+  directory (a rank ended by another rank's failure while still starting), the record goes only to
+  the file the launcher names in :data:`LAUNCH_STATUS_ENV`, so a run refused in a directory never
+  replaces the status of the run that owns it.
 """
 from __future__ import annotations
 
@@ -39,6 +42,10 @@ from .runtime import init_distributed
 EXIT_STATUS_FILE = "exit_status.json"
 """In ``train.output_dir``: ``{"exit_code": N, "rank": R, "host": H, "error": "..."}`` (rank, host
 and error only when the run failed). Written by local rank 0 of each node."""
+LAUNCH_STATUS_ENV = "SPARSE_FT_LAUNCH_STATUS"
+"""Set by the launchers in ``sparse_ft.launch`` to a file of their own (not in the run directory): local
+rank 0 writes every outcome there too, so the launcher on each node gets the job's exit code even when
+its ranks ended before taking the run directory."""
 EXIT_BAD_INPUT = 2
 EXIT_ERROR = 1
 FAILED_KEY = "sparse_ft/failed"
@@ -53,17 +60,33 @@ def exit_code_for(error: BaseException) -> int:
 
 
 def write_exit_status(output_dir: str | os.PathLike, record: dict) -> None:
-    """Atomically (temp file + rename), so a reader never sees half a record."""
+    """``output_dir/exit_status.json``, atomically (temp file + rename): a reader never sees half a record."""
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         return  # output_dir is a file: the error being reported says so; nowhere to write the status
     try:
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f"{EXIT_STATUS_FILE}.tmp{os.getpid()}"
-        tmp.write_text(json.dumps(record, indent=1) + "\n")
-        os.replace(tmp, out / EXIT_STATUS_FILE)
     except OSError as e:  # never mask the error being reported
         print(f"sparse-ft: could not write {out / EXIT_STATUS_FILE}: {e}", file=sys.stderr)
+        return
+    write_status_file(out / EXIT_STATUS_FILE, record)
+
+
+def write_status_file(path: str | os.PathLike, record: dict) -> None:
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:  # never mask the error being reported
+        print(f"sparse-ft: could not write {path}: {e}", file=sys.stderr)
+
+
+def write_launch_status(record: dict) -> None:
+    """The record to the launcher's own status file, when a sparse-ft launcher named one."""
+    path = os.environ.get(LAUNCH_STATUS_ENV)
+    if path:
+        write_status_file(path, record)
 
 
 def read_exit_status(path: str | os.PathLike, newer_than: float = 0.0) -> dict | None:
@@ -154,12 +177,18 @@ class JobWatch:
 
     # -- outcomes --------------------------------------------------------------------------------
     def succeeded(self) -> None:
-        if self.local_rank == 0 and self.output_dir is not None:
-            write_exit_status(self.output_dir, {"exit_code": 0})
+        self._record({"exit_code": 0})
 
     def diverged(self) -> None:
-        if self.local_rank == 0 and self.output_dir is not None:
-            write_exit_status(self.output_dir, {"exit_code": EXIT_DIVERGED})
+        self._record({"exit_code": EXIT_DIVERGED})
+
+    def _record(self, record: dict) -> None:
+        """Local rank 0 (of every node) writes the outcome: to the run directory once this run holds
+        it, and always to the launcher's own file."""
+        if self.local_rank == 0 or self.world == 1:
+            write_launch_status(record)
+            if self.output_dir is not None:
+                write_exit_status(self.output_dir, record)
 
     def failed(self, error: BaseException) -> dict:
         """Tell every rank that this one failed with ``error``; returns the record."""
@@ -182,8 +211,7 @@ class JobWatch:
                 pass
         if first is not None and first.get("rank") != self.rank:
             self._end(first)
-        if self.output_dir is not None and (self.local_rank == 0 or self.world == 1):
-            write_exit_status(self.output_dir, record)
+        self._record(record)
         return record
 
     # -- the watcher thread ----------------------------------------------------------------------
@@ -209,8 +237,7 @@ class JobWatch:
     def _end(self, record: dict) -> None:
         print(f"sparse-ft: {failure_message(record)}; stopping rank {self.rank} on host {self.host}",
               file=sys.stderr, flush=True)
-        if self.local_rank == 0 and self.output_dir is not None:
-            write_exit_status(self.output_dir, record)
+        self._record(record)
         os._exit(int(record.get("exit_code") or EXIT_ERROR))
 
 

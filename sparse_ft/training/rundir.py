@@ -130,8 +130,23 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def normalised(tree: dict) -> dict:
-    """A config dict as JSON would give it back (tuples as lists), flattened to ``section.key``."""
-    return flatten(json.loads(json.dumps(tree, default=str)))
+    """A config dict as JSON would give it back (tuples as lists), flattened to ``section.key``,
+    without where checkpoints are stored (see :func:`_without_storage_choice`)."""
+    return flatten(_without_storage_choice(json.loads(json.dumps(tree, default=str))))
+
+
+def _without_storage_choice(tree: dict) -> dict:
+    """DeepSpeed's ``checkpoint.use_node_local_storage`` says where checkpoints are written (each
+    node's disk or a shared one), not what they hold: a node-local checkpoint merged into one
+    directory resumes with it off (docs/multi-node.md), so it may change on resume."""
+    overrides = (tree.get("deepspeed") or {}).get("overrides")
+    if isinstance(overrides, dict) and isinstance(overrides.get("checkpoint"), dict):
+        checkpoint = {k: v for k, v in overrides["checkpoint"].items() if k != "use_node_local_storage"}
+        overrides = {k: v for k, v in overrides.items() if k != "checkpoint"}
+        if checkpoint:
+            overrides["checkpoint"] = checkpoint
+        tree = {**tree, "deepspeed": {**tree["deepspeed"], "overrides": overrides}}
+    return tree
 
 
 def config_diff(old: dict, new: dict, may_change: frozenset) -> list[str]:

@@ -575,6 +575,27 @@ def test_launchers_return_the_runs_exit_status(config, capsys, monkeypatch, work
         assert "rank 1 on host n2 failed: ConfigError: x" in err
 
 
+def test_the_launchs_own_status_file_when_the_run_directory_has_none(config, capsys, monkeypatch, workdir):
+    """A node whose ranks were stopped while starting writes no exit_status.json in the run directory,
+    only the file the launcher named in SPARSE_FT_LAUNCH_STATUS: its code is returned, the file removed."""
+    from sparse_ft.training.jobstatus import LAUNCH_STATUS_ENV, JobWatch
+
+    seen = []
+
+    def launch(command, env):
+        watch = JobWatch()  # local rank 0 of a node, never attached to the run directory
+        monkeypatch.setenv(LAUNCH_STATUS_ENV, env[LAUNCH_STATUS_ENV])
+        watch._record({"exit_code": 2, "rank": 1, "host": "n2", "error": "ConfigError: x"})
+        seen.append(Path(env[LAUNCH_STATUS_ENV]))
+        return 1
+
+    monkeypatch.setattr(common, "_launch", launch)
+    monkeypatch.setattr(common.shutil, "which", lambda name: f"/usr/bin/{name}")
+    code, _, err = call(torchrun_main, ["--nproc-per-node", "2", "--config", "run.yaml"], capsys)
+    assert code == 2 and "rank 1 on host n2 failed: ConfigError: x" in err
+    assert not (workdir / "runs/default/exit_status.json").exists() and not seen[0].exists()
+
+
 def test_a_stale_exit_status_is_ignored(config, capsys, workdir, fake_run):
     status = workdir / "runs/default/exit_status.json"
     status.parent.mkdir(parents=True)

@@ -114,6 +114,13 @@ def test_may_change_on_resume():
     new = {"train": {"epochs": 3, "max_steps": 16, "log_every": 5, "lr": 0.1}, "method": {"density": 0.1}}
     assert config_diff(old, new, RESUME_MAY_CHANGE) == []
     assert config_diff(old, {**new, "method": {"density": 0.2}}, RESUME_MAY_CHANGE) == ["method.density"]
+    # Where checkpoints are stored may change (a merged node-local checkpoint resumes on shared
+    # storage); the rest of DeepSpeed's overrides may not.
+    node_local = {"config": "zero2", "overrides": {"checkpoint": {"use_node_local_storage": True}, "gradient_clipping": 1.0}}
+    shared = {"config": "zero2", "overrides": {"gradient_clipping": 1.0}}
+    assert config_diff({**old, "deepspeed": node_local}, {**old, "deepspeed": shared}, RESUME_MAY_CHANGE) == []
+    assert config_diff({**old, "deepspeed": node_local}, {**old, "deepspeed": {"config": "zero2", "overrides": {}}},
+                       RESUME_MAY_CHANGE) == ["deepspeed.overrides"]
 
 
 def test_finished_run_is_never_trained_over(assets, reference, tmp_path, no_model_load):

@@ -23,6 +23,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ...delta_file import save_safetensors
 from ...errors import ConfigError
 from ...zero import dist_info, full_numel
 from ..base import MethodConfig, Stage, count_parameters, name_seed, replace_module
@@ -305,11 +306,9 @@ class DSEEConfig(MethodConfig):
 
 
 def write_pruning_file(path: Path, state: dict[str, torch.Tensor], summary: dict) -> None:
-    from safetensors.torch import save_file
-
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"summary": json.dumps(summary)})
+    save_safetensors(state, tmp, {"summary": json.dumps(summary)})
     os.replace(tmp, path)
 
 

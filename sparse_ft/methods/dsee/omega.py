@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ...delta_file import save_safetensors
 from ...errors import ConfigError
 from ...quant import dequantize
 from ...rpca import grebsmo, select_omega
@@ -134,15 +135,13 @@ def compute_omega(model: nn.Module, names: list[str], settings: RPCASettings, pr
 def write_omega_file(path: str | os.PathLike, omega: dict[str, torch.Tensor], settings: RPCASettings,
                      fingerprint: dict, stats: dict | None = None, base_model: str = "") -> Path:
     """Atomically write ``{name}.indices`` tensors plus settings and base fingerprint metadata."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"{name}.indices": idx.to(torch.int64).contiguous() for name, idx in omega.items()}
     meta = {"format": FORMAT, "targets": json.dumps(list(omega)), "settings": json.dumps(settings.to_dict()),
             "base_fingerprint": json.dumps(fingerprint), "stats": json.dumps(stats or {}), "base_model": str(base_model)}
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=meta)
+    save_safetensors(tensors, tmp, meta)
     os.replace(tmp, path)
     return path
 

@@ -25,9 +25,9 @@ from typing import ClassVar
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
+from ...delta_file import save_safetensors
 from ...errors import ConfigError
 from ...zero import full_numel, gathered
 from ..base import MethodConfig, Stage, count_parameters, name_seed, replace_module
@@ -186,7 +186,7 @@ class LoReMLConfig(MethodConfig):
                     "base_fingerprint": json.dumps(fp)}
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+            save_safetensors(tensors, tmp, meta)
             os.replace(tmp, path)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()

@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from ...delta_file import read_delta, tensor_sha256
+from ...delta_file import read_delta, save_safetensors, tensor_sha256
 from ...errors import ConfigError
 from ...zero import full_numel, full_shape
 from ..base import (ALL_LINEAR, REGEX_PREFIX, MethodConfig, Stage, count_parameters, matches, name_seed,
@@ -371,5 +370,5 @@ def task_delta(src, dst, task: str):
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
     if "tensor_sha256" in meta:  # the checksums of the tensors this file keeps
         meta_out["tensor_sha256"] = json.dumps({k: tensor_sha256(v) for k, v in out.items()})
-    save_file({k: v.contiguous() for k, v in out.items()}, str(dst), metadata=meta_out)
+    save_safetensors(out, dst, meta_out)
     return dst
