@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -162,23 +163,33 @@ def test_torchrun_two_nodes_node_local_stop_resume_merge(setup):
                   r"this directory holds ranks 0\)", both), both[-4000:]
 
 
-def test_node_failing_at_load_ends_the_job(setup):
-    """node2 gets a model path that does not exist there: both nodes end, both launchers with the
-    failing rank's exit code (2, not torchrun's 1) and node1 with a message naming rank 1, node2 and
-    the error; node2's exit_status.json holds that record (node1's too, if its rank had taken the
-    run directory before it was stopped)."""
-    name = f"fail-{setup['tag']}"
+@pytest.mark.parametrize("fault", ["bad-path", "corrupt-weights"])
+def test_node_failing_at_load_ends_the_job(setup, fault):
+    """node2 cannot load its model: a path that does not exist there (bad input, found before the
+    process group exists: exit 2), or weights cut in half (an error while loading, after it: exit 1).
+    Both nodes end within seconds, both launchers with the failing rank's code (not torchrun's 1),
+    node1 with a message naming rank 1, node2 and the error; node2's exit_status.json holds that
+    record (node1's too, if its rank had taken the run directory before it was stopped)."""
+    name = f"fail-{fault}-{setup['tag']}"
+    if fault == "bad-path":
+        model, code, error = "/nonexistent/model", 2, "sparse_ft.errors.ConfigError: model.name_or_path"
+    else:
+        model, code, error = str(setup["tmp"] / "llama-corrupt"), 1, ""
+        shutil.copytree(setup["tmp"] / "llama", model)
+        weights = Path(model) / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     t0 = time.monotonic()
-    r0, r1 = torchrun_two_nodes(setup, name, node2_overrides=["model.name_or_path=/nonexistent/model"])
-    assert (r0.returncode, r1.returncode) == (2, 2), r0.stdout[-3000:] + r1.stdout[-3000:]
-    assert "rank 1 on host node2 failed: sparse_ft.errors.ConfigError: model.name_or_path" in r0.stdout
+    r0, r1 = torchrun_two_nodes(setup, name, node2_overrides=[f"model.name_or_path={model}"])
+    elapsed = time.monotonic() - t0
+    assert (r0.returncode, r1.returncode) == (code, code), r0.stdout[-3000:] + r1.stdout[-3000:]
+    assert f"rank 1 on host node2 failed: {error}" in r0.stdout, r0.stdout[-3000:]
     for node in ("node2", "node1"):
         status = setup["cluster"].node_local(node) / name / "exit_status.json"
         if node == "node1" and not status.exists():
             continue
         record = json.loads(status.read_text())
-        assert (record["exit_code"], record["rank"], record["host"]) == (2, 1, "node2"), node
-    print(f"failing node: both nodes ended {time.monotonic() - t0:.0f} s after launch")
+        assert (record["exit_code"], record["rank"], record["host"]) == (code, 1, "node2"), node
+    print(f"{fault}: both nodes ended {elapsed:.0f} s after launch")
 
 
 def test_deepspeed_launcher_over_ssh(setup):
