@@ -5,22 +5,23 @@
 #   sudo scripts/local_cluster.sh install     # apt-get install openssh-server pdsh slurm-wlm munge rsync
 #   sudo scripts/local_cluster.sh start       # munged, slurmctld, and per node: sshd + slurmd
 #   eval "$(scripts/local_cluster.sh env)"    # PATH (ssh wrapper), SLURM_CONF, GLOO_SOCKET_IFNAME
-#   sinfo; python launch/multinode.py --hostfile "$SPARSE_FT_CLUSTER/hostfile" --master-addr 127.0.0.2 ...
+#   sinfo; python launch/multinode.py --hostfile "$SPARSE_FT_CLUSTER/hostfile" --master-addr 127.0.0.1 ...
 #   sudo scripts/local_cluster.sh stop        # stops every daemon it started, by pid
 #
-# Nodes: node1 = 127.0.0.2, node2 = 127.0.0.3; the controller ctl = 127.0.0.1. Each node's sshd and
-# slurmd run in their own mount and UTS namespace (`unshare -m -u`): the node's host name, an
-# /etc/hosts naming the three addresses, and its own disk at $STATE/local (a bind mount of
-# $STATE/<node>/local), so `--node-local-checkpoints` really writes to different disks. The sshds
-# listen on 127.0.0.2/3 only; slurmctld and the slurmds listen on their ports on every address
-# (SLURM 22.05's NoInAddrAny breaks srun's I/O inside a batch step), but every address any of
-# them is given or connects to is a 127.0.0.x one: nothing here talks to any other address.
+# Nodes: node1 = 127.0.0.1 and node2 = 127.0.0.3; the controller ctl is on 127.0.0.1 too. Each node's
+# sshd and slurmd run in their own mount and UTS namespace (`unshare -m -u`): the node's host name,
+# an /etc/hosts naming the nodes, and its own disk at $STATE/local (a bind mount of
+# $STATE/<node>/local), so `--node-local-checkpoints` really writes to different disks. Every daemon
+# listens on its node's loopback address only (sshd: ListenAddress; SLURM: NoCtldInAddrAny and
+# NoInAddrAny). node1 is 127.0.0.1 because of NoInAddrAny: srun in the batch step listens on its
+# node's address but connects from 127.0.0.1 (the kernel's source address on lo), and slurmstepd
+# connects back to that source address for the step's I/O. Nothing here talks to any other address.
 # State (configs, keys, logs, pids) lives in $SPARSE_FT_CLUSTER (default /tmp/sparse-ft-cluster).
 set -euo pipefail
 
 STATE="${SPARSE_FT_CLUSTER:-/tmp/sparse-ft-cluster}"
 NODES=(node1 node2)
-declare -A ADDR=([ctl]=127.0.0.1 [node1]=127.0.0.2 [node2]=127.0.0.3)
+declare -A ADDR=([ctl]=127.0.0.1 [node1]=127.0.0.1 [node2]=127.0.0.3)
 declare -A SLURMD_PORT=([node1]=6818 [node2]=6819)
 SSH_PORT=2222
 CTLD_PORT=6817
@@ -60,8 +61,8 @@ spawn() {
 
 write_configs() {
   mkdir -p "$STATE"/{pids,logs,bin,local,ctld,munge} "$STATE/home"
-  printf '127.0.0.1 localhost ctl\n127.0.0.2 node1\n127.0.0.3 node2\n' >"$STATE/hosts"
-  printf '127.0.0.2 slots=1\n127.0.0.3 slots=1\n' >"$STATE/hostfile"
+  printf '127.0.0.1 localhost ctl node1\n127.0.0.3 node2\n' >"$STATE/hosts"
+  printf '127.0.0.1 slots=1\n127.0.0.3 slots=1\n' >"$STATE/hostfile"
 
   # sshd's privilege separation directory (the openssh-server service would create it).
   [[ -d /run/sshd ]] || { mkdir -p /run/sshd; chmod 755 /run/sshd; touch "$STATE/created-run-sshd"; }
@@ -72,7 +73,7 @@ write_configs() {
   cp "$STATE/id_ed25519.pub" "$STATE/authorized_keys"
   chmod 700 "$STATE"; chmod 600 "$STATE/authorized_keys"
   cat >"$STATE/ssh_config" <<EOF
-Host 127.0.0.2 127.0.0.3 node1 node2
+Host 127.0.0.1 127.0.0.3 node1 node2
   Port $SSH_PORT
   IdentityFile $STATE/id_ed25519
   IdentitiesOnly yes
@@ -135,6 +136,7 @@ ReturnToService=2
 SlurmctldTimeout=30
 SlurmdTimeout=30
 InactiveLimit=0
+CommunicationParameters=NoCtldInAddrAny,NoInAddrAny
 KillWait=5
 MinJobAge=300
 NodeName=node1 NodeAddr=${ADDR[node1]} NodeHostname=node1 Port=${SLURMD_PORT[node1]} CPUs=$cpus State=UNKNOWN
@@ -166,7 +168,7 @@ cmd_start() {
     spawn "sshd-$node" "$node" /usr/sbin/sshd -D -e -f "$STATE/sshd_$node.conf"
   done
   export SLURM_CONF=$STATE/slurm.conf
-  spawn slurmctld ctl /usr/sbin/slurmctld -D -i -f "$STATE/slurm.conf"
+  spawn slurmctld ctl /usr/sbin/slurmctld -D -c -f "$STATE/slurm.conf"  # -c: no jobs left from an earlier start
   wait_for 30 slurmctld scontrol ping
   for node in "${NODES[@]}"; do
     spawn "slurmd-$node" "$node" /usr/sbin/slurmd -D -N "$node" -f "$STATE/slurm.conf"
@@ -175,7 +177,7 @@ cmd_start() {
   for node in "${NODES[@]}"; do
     wait_for 20 "sshd on $node" "$STATE/bin/ssh" -o BatchMode=yes "${ADDR[$node]}" true
   done
-  echo "local cluster up: nodes node1=127.0.0.2 node2=127.0.0.3, state in $STATE"
+  echo "local cluster up: nodes node1=${ADDR[node1]} node2=${ADDR[node2]}, controller ${ADDR[ctl]}, state in $STATE"
   echo "use it with: eval \"\$($0 env)\""
 }
 
@@ -224,5 +226,5 @@ case "${1:-}" in
   env) cmd_env ;;
   status) cmd_status ;;
   missing) missing_tools ;;
-  *) sed -n '2,16p' "$0"; exit 2 ;;
+  *) sed -n '2,19p' "$0"; exit 2 ;;
 esac

@@ -1,5 +1,5 @@
 """The real launchers on a two-node cluster on this machine (scripts/local_cluster.sh): node1 =
-127.0.0.2 and node2 = 127.0.0.3, each with its own host name and disk; sshd + pdsh for the
+127.0.0.1 and node2 = 127.0.0.3, each with its own host name and disk; sshd + pdsh for the
 deepspeed launcher, slurmctld + two slurmd for SLURM. Every training run here must give exactly
 the delta of the same run as one node with two processes (same world size, same data order).
 
@@ -13,6 +13,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -26,7 +27,7 @@ from helpers import base_run_tree, free_port, make_model_dir, make_sentiment_dat
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
-NODES = {"node1": "127.0.0.2", "node2": "127.0.0.3"}
+NODES = {"node1": "127.0.0.1", "node2": "127.0.0.3"}
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +110,31 @@ def same_files_on_both_nodes(a: Path, b: Path) -> list[str]:
             continue  # torch.save output: pickled, compared through trainer_state and the deltas
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), f"{rel} differs between the nodes"
     return [str(r) for r in common]
+
+
+def listening(ports: set[int]) -> list[tuple[str, int]]:
+    """(address, port) of every TCP socket listening on one of ``ports`` (IPv4 and IPv6), from /proc."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not os.path.exists(table):
+            continue
+        for line in open(table).read().splitlines()[1:]:
+            fields = line.split()
+            address, port = fields[1].rsplit(":", 1)
+            if fields[3] == "0A" and int(port, 16) in ports:  # 0A: LISTEN
+                raw = bytes.fromhex(address)
+                # /proc prints each 32-bit word in host (little-endian) order.
+                words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                found.append((socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, words),
+                              int(port, 16)))
+    return found
+
+
+def test_daemons_listen_on_loopback_only(cluster):
+    """sshd (2222), slurmctld (6817) and the slurmds (6818, 6819) listen on 127.0.0.x only."""
+    sockets = listening({2222, 6817, 6818, 6819})
+    assert {port for _, port in sockets} == {2222, 6817, 6818, 6819}, sockets
+    assert all(address.startswith("127.") for address, _ in sockets), sockets
 
 
 def test_torchrun_two_nodes_node_local_stop_resume_merge(setup):
