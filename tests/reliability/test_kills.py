@@ -51,10 +51,10 @@ def _kill_rng_write(monkeypatch):  # DeepSpeed's files are written, this rank's 
 def _kill_manifest(monkeypatch):
     real = ckpt.write_manifest
 
-    def fake(directory):
+    def fake(directory, *args, **kwargs):
         if directory.name == "step-000004":
             raise Killed("killed before the manifest")
-        return real(directory)
+        return real(directory, *args, **kwargs)
 
     monkeypatch.setattr(ckpt, "write_manifest", fake)
 
