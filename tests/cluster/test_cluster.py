@@ -230,6 +230,19 @@ def test_deepspeed_launcher_over_ssh(setup):
     assert_same_delta(out / "delta.safetensors", setup["ref"])
 
 
+def test_deepspeed_launcher_one_included_host_runs_there(setup):
+    """--include of one host that is not this machine: the job runs on that host over ssh
+    (--force_multi), not here with world size 1 as the deepspeed launcher alone would."""
+    cluster, name = setup["cluster"], f"inc-{setup['tag']}"
+    result = run([sys.executable, "launch/multinode.py", "--hostfile", str(cluster.hostfile), "--include",
+                  NODES["node2"], "--master-addr", NODES["node2"], "--env", "GLOO_SOCKET_IFNAME=lo",
+                  "--config", str(setup["config"]), f"train.output_dir={cluster.local / name}"], cluster.env())
+    assert "--force_multi" in result.stdout + result.stderr
+    on_node2, on_node1 = cluster.node_local("node2") / name, cluster.node_local("node1") / name
+    assert json.loads((on_node2 / "exit_status.json").read_text()) == {"exit_code": 0}
+    assert (on_node2 / "delta.safetensors").is_file() and not (on_node1 / "delta.safetensors").exists()
+
+
 def submit(setup, out: Path) -> str:
     cluster = setup["cluster"]
     result = run([sys.executable, "launch/slurm_submit.py", "--nodes", "2", "--gpus-per-node", "0",
