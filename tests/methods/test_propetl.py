@@ -2,6 +2,7 @@
 scores train, hybrid (OR) masks, Bit-Level Storage against a hand count, the score learning rate,
 multi-task deltas and config errors."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -160,6 +161,28 @@ def test_multitask_delta_and_single_task_extraction(tmp_path):
             torch.testing.assert_close(single(input_ids=INPUT).logits, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ConfigError, match="task_delta"):
         cfg.layer_delta("model.layers.0.self_attn.q_proj", {}, (64, 64))
+
+
+def test_single_task_extraction_that_fails_keeps_the_old_file(tmp_path, monkeypatch):
+    """A write that dies midway (disk full, kill) leaves the file already at the destination as it
+    was, and no temporary file beside it."""
+    from sparse_ft.methods.propetl import config as propetl_config
+
+    model = sparse_ft.apply(tiny_model("llama"), ProPETLConfig(r=4, alpha=6, tasks=["sst2", "rte"]))
+    randomize(model)
+    path = sparse_ft.save_delta(model, tmp_path / "mt.safetensors")
+    dst = task_delta(path, tmp_path / "sst2.safetensors", "sst2")
+    before = dst.read_bytes()
+
+    def dies_midway(tensors, target, metadata):
+        Path(target).write_bytes(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(propetl_config, "save_safetensors", dies_midway)
+    with pytest.raises(OSError, match="No space left"):
+        task_delta(path, dst, "rte")
+    assert dst.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mt.safetensors", "sst2.safetensors"]
 
 
 def test_bit_level_storage_equals_hand_count(tmp_path):
