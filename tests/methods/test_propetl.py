@@ -166,7 +166,7 @@ def test_multitask_delta_and_single_task_extraction(tmp_path):
 def test_single_task_extraction_that_fails_keeps_the_old_file(tmp_path, monkeypatch):
     """A write that dies midway (disk full, kill) leaves the file already at the destination as it
     was, and no temporary file beside it."""
-    from sparse_ft.methods.propetl import config as propetl_config
+    import safetensors.torch
 
     model = sparse_ft.apply(tiny_model("llama"), ProPETLConfig(r=4, alpha=6, tasks=["sst2", "rte"]))
     randomize(model)
@@ -174,11 +174,11 @@ def test_single_task_extraction_that_fails_keeps_the_old_file(tmp_path, monkeypa
     dst = task_delta(path, tmp_path / "sst2.safetensors", "sst2")
     before = dst.read_bytes()
 
-    def dies_midway(tensors, target, metadata):
-        Path(target).write_bytes(b"half a file")
+    def dies_midway(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(propetl_config, "save_safetensors", dies_midway)
+    monkeypatch.setattr(safetensors.torch, "save_file", dies_midway)
     with pytest.raises(OSError, match="No space left"):
         task_delta(path, dst, "rte")
     assert dst.read_bytes() == before

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -307,9 +306,7 @@ class DSEEConfig(MethodConfig):
 
 def write_pruning_file(path: Path, state: dict[str, torch.Tensor], summary: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_safetensors(state, tmp, {"summary": json.dumps(summary)})
-    os.replace(tmp, path)
+    save_safetensors(state, path, {"summary": json.dumps(summary)})
 
 
 def read_pruning_file(path: Path) -> dict[str, torch.Tensor]:

@@ -140,9 +140,7 @@ def write_omega_file(path: str | os.PathLike, omega: dict[str, torch.Tensor], se
     tensors = {f"{name}.indices": idx.to(torch.int64).contiguous() for name, idx in omega.items()}
     meta = {"format": FORMAT, "targets": json.dumps(list(omega)), "settings": json.dumps(settings.to_dict()),
             "base_fingerprint": json.dumps(fingerprint), "stats": json.dumps(stats or {}), "base_model": str(base_model)}
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_safetensors(tensors, tmp, meta)
-    os.replace(tmp, path)
+    save_safetensors(tensors, path, meta)
     return path
 
 

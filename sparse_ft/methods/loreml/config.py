@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -185,9 +184,7 @@ class LoReMLConfig(MethodConfig):
             meta = {"format": STAGE1_FORMAT, "method": json.dumps(self.to_dict()), "rho": repr(self.rho),
                     "base_fingerprint": json.dumps(fp)}
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-            save_safetensors(tensors, tmp, meta)
-            os.replace(tmp, path)
+            save_safetensors(tensors, path, meta)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()
 

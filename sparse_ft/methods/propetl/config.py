@@ -16,7 +16,6 @@ Bit-Level Storage (paper eq. 2) the log line and ``metrics.jsonl`` report.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -371,11 +370,5 @@ def task_delta(src, dst, task: str):
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
     if "tensor_sha256" in meta:  # the checksums of the tensors this file keeps
         meta_out["tensor_sha256"] = json.dumps({k: tensor_sha256(v) for k, v in out.items()})
-    tmp = Path(dst).with_name(Path(dst).name + f".tmp{os.getpid()}")
-    try:  # a temporary name, then a rename: a crash never leaves half a file at dst
-        save_safetensors(out, tmp, meta_out)
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    save_safetensors(out, dst, meta_out)  # atomic: a failed write keeps what was at dst
     return dst
